@@ -1,0 +1,98 @@
+"""Reference models for the embedded digits data (scikit-learn's 8x8 images, values 0..16).
+
+Both read the raw image ``[B, 1, 8, 8]``. The primary reads a richer view: the image upsampled
+bilinearly to 16x16, so its convolutions see a finer grid and its early exits sit at several
+resolutions. The student reads the reduced, native input: the 8x8 image flattened to 64 features.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fallbackformer.models.multi_exit import MultiExitNet
+from fallbackformer.models.registry import register_model
+from fallbackformer.models.transforms import Resize, ScaleShift
+
+# Mean and std of x/16 over the whole digits data set: fixed constants, not fitted per split.
+DIGITS_MEAN = 0.305
+DIGITS_STD = 0.385
+
+
+def _conv_block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+def _exit_head(channels: int, num_classes: int, pooled: int = 4) -> nn.Sequential:
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(pooled),
+        nn.Flatten(),
+        nn.Linear(channels * pooled * pooled, num_classes),
+    )
+
+
+@register_model("digits_cnn_exits")
+def digits_cnn_exits(num_classes: int = 10, width: int = 16, image_size: int = 16) -> MultiExitNet:
+    """A 4-stage CNN with 3 early exits and the final head.
+
+    Args:
+        num_classes: number of classes.
+        width: channels of the first stage; later stages use 2x and 4x.
+        image_size: side of the upsampled view the convolutions read.
+    """
+    w = width
+    stages = [
+        _conv_block(1, w, pool=True),  # [B, w, S/2, S/2]
+        _conv_block(w, 2 * w, pool=False),  # [B, 2w, S/2, S/2]
+        _conv_block(2 * w, 2 * w, pool=True),  # [B, 2w, S/4, S/4]
+        _conv_block(2 * w, 4 * w, pool=False),  # [B, 4w, S/4, S/4]
+    ]
+    heads = {
+        0: _exit_head(w, num_classes),
+        1: _exit_head(2 * w, num_classes),
+        2: _exit_head(2 * w, num_classes),
+        3: nn.Sequential(
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4 * w * 4, 64),
+            nn.ReLU(inplace=True),
+            nn.Linear(64, num_classes),
+        ),
+    }
+    transform = nn.Sequential(ScaleShift(16.0, DIGITS_MEAN, DIGITS_STD), Resize(image_size))
+    return MultiExitNet(stages, heads, input_transform=transform)
+
+
+class MLPStudent(nn.Module):
+    """A shallow MLP on the flattened native image, its input transform inside.
+
+    Args:
+        in_features: input size after flattening (64 for digits).
+        hidden: hidden width.
+        num_classes: number of classes.
+    """
+
+    def __init__(self, in_features: int = 64, hidden: int = 128, num_classes: int = 10) -> None:
+        super().__init__()
+        self.input_transform = nn.Sequential(ScaleShift(16.0, DIGITS_MEAN, DIGITS_STD), nn.Flatten())
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.1),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):  # [B, 1, 8, 8] -> [B, C]
+        return self.net(self.input_transform(x))
+
+
+@register_model("digits_mlp_student")
+def digits_mlp_student(num_classes: int = 10, hidden: int = 128) -> MLPStudent:
+    """The fallback student for digits: one hidden layer on the native 8x8 input."""
+    return MLPStudent(64, hidden, num_classes)
