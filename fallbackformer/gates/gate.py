@@ -1,0 +1,291 @@
+"""``ConfidenceGate``: temperature + score + threshold, calibrated with a stated guarantee.
+
+A gate answers one question per sample: is this answer confident enough to serve? It divides the
+logits by its temperature, computes a score (higher = more confident) and accepts where
+``score >= threshold``. A row with a non-finite logit has confidence NaN and is never accepted; a
+gate whose threshold is +inf accepts nothing.
+
+>>> import torch
+>>> g = torch.Generator().manual_seed(0)
+>>> y = torch.randint(0, 10, (2000,), generator=g)
+>>> z = 6 * torch.nn.functional.one_hot(y, 10).float() + 2 * torch.randn(2000, 10, generator=g)
+>>> gate = ConfidenceGate.calibrate(z, y, alpha=0.05, delta=0.1)
+>>> accepted, confidence = gate(z)
+>>> accepted.dtype, confidence.shape
+(torch.bool, torch.Size([2000]))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fallbackformer.gates import risk_control
+from fallbackformer.gates.scores import SCORES, compute_score
+from fallbackformer.gates.temperature import fit_temperature
+
+__all__ = ["ConfidenceGate", "METHODS", "reference_sample"]
+
+METHODS = ("ltt_hb", "crc", "empirical")
+_SCORE_NAMES = tuple(SCORES) + ("learned",)
+REFERENCE_SIZE = 512
+CONFIG_VERSION = 1
+
+
+def _json_float(x: float | None) -> float | str | None:
+    """JSON has no inf/nan: write them as strings."""
+    if x is None:
+        return None
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def _from_json_float(x: float | str | None) -> float:
+    if x is None:
+        return math.nan
+    return float(x)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return _json_float(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, Tensor):
+        return _json_safe(obj.tolist())
+    return obj
+
+
+def reference_sample(scores: Tensor, size: int = REFERENCE_SIZE) -> Tensor:
+    """A compact sorted sample of finite scores: all of them if few, else ``size`` quantiles.
+
+    The quantiles are taken at the mid-points ``(i + 0.5) / size`` so the sample is an unbiased
+    stand-in for the empirical distribution (for KS-type drift tests).
+    """
+    s = scores.detach().float().flatten()
+    s = s[torch.isfinite(s)].sort().values
+    if s.numel() <= size:
+        return s
+    q = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    return torch.quantile(s.double(), q, interpolation="nearest").float()
+
+
+class ConfidenceGate(nn.Module):
+    """Accept/reject decision on logits ``[B, C]`` from a calibrated confidence score.
+
+    Args:
+        temperature: ``T > 0``; the score is computed on ``logits / T``.
+        threshold: accept where ``score >= threshold`` (score units); ``inf`` accepts nothing.
+        score: one of ``max_softmax``, ``margin``, ``neg_entropy``, ``learned``.
+        guarantee: what the calibration established (see :meth:`calibrate`), or None.
+        reference_scores: a compact sorted sample of calibration-time scores for drift checks.
+        learned: parameters of the learned score (required when ``score == "learned"``).
+    """
+
+    temperature: Tensor
+    threshold: Tensor
+    reference_scores: Tensor
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        threshold: float = math.inf,
+        score: str = "max_softmax",
+        guarantee: dict | None = None,
+        reference_scores: Tensor | Sequence[float] | None = None,
+        learned: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if score not in _SCORE_NAMES:
+            raise ValueError(f"unknown score {score!r}; choose one of {list(_SCORE_NAMES)}.")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature!r}.")
+        if math.isnan(threshold):
+            raise ValueError("threshold is NaN; use +inf for a gate that accepts nothing.")
+        self.score = score
+        self.guarantee = dict(guarantee) if guarantee is not None else None
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
+        self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32))
+        ref = torch.as_tensor(
+            [] if reference_scores is None else reference_scores, dtype=torch.float32
+        ).flatten()
+        self.register_buffer("reference_scores", ref, persistent=False)
+        self.learned_score: nn.Module | None = None
+        if score == "learned":
+            if learned is None:
+                raise ValueError(
+                    "score='learned' needs the learned score's parameters (learned=...); "
+                    "build the gate with ConfidenceGate.calibrate(..., score='learned', "
+                    "score_train=(logits, labels))."
+                )
+            from fallbackformer.gates.learned import LearnedScore
+
+            self.learned_score = LearnedScore.from_config(learned)
+
+    # ------------------------------------------------------------------ inference
+    def confidence(self, logits: Tensor) -> Tensor:
+        """The score on temperature-scaled logits: ``[B, C] -> [B]`` float; NaN for non-finite rows."""
+        if logits.dim() != 2:
+            raise ValueError(f"a gate expects logits [B, C], got shape {tuple(logits.shape)}.")
+        z = logits.float() / self.temperature.to(logits.device)  # [B, C]
+        if self.learned_score is not None:
+            return self.learned_score(z)
+        return compute_score(self.score, z)
+
+    def accept(self, logits: Tensor) -> Tensor:
+        """BoolTensor ``[B]``: finite confidence ``>= threshold``."""
+        return self.forward(logits)[0]
+
+    def forward(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """``(accepted [B] bool, confidence [B] float)``."""
+        conf = self.confidence(logits)  # [B]
+        thr = self.threshold.to(conf.device)
+        accepted = torch.isfinite(conf) & (conf >= thr)
+        return accepted, conf
+
+    def extra_repr(self) -> str:
+        method = (self.guarantee or {}).get("method")
+        return (
+            f"score={self.score!r}, temperature={float(self.temperature):.4g}, "
+            f"threshold={float(self.threshold):.6g}, method={method!r}"
+        )
+
+    # ------------------------------------------------------------------ config
+    def to_config(self) -> dict:
+        """A JSON-able description (no tensors; inf/nan written as strings)."""
+        cfg: dict[str, Any] = {
+            "config_version": CONFIG_VERSION,
+            "score": self.score,
+            "temperature": float(self.temperature),
+            "threshold": _json_float(float(self.threshold)),
+            "guarantee": _json_safe(self.guarantee) if self.guarantee is not None else None,
+            "reference_scores": [float(f"{v:.7g}") for v in self.reference_scores.tolist()],
+        }
+        if self.learned_score is not None:
+            cfg["learned"] = self.learned_score.to_config()
+        return cfg
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ConfidenceGate":
+        """Rebuild a gate written by :meth:`to_config`."""
+        version = config.get("config_version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ValueError(
+                f"gate config_version {version} is not supported (expected {CONFIG_VERSION}); "
+                "recalibrate the gate with this fallbackformer version."
+            )
+        guarantee = config.get("guarantee")
+        if guarantee is not None:
+            guarantee = dict(guarantee)
+            if "threshold" in guarantee:
+                guarantee["threshold"] = _from_json_float(guarantee["threshold"])
+        return cls(
+            temperature=float(config.get("temperature", 1.0)),
+            threshold=_from_json_float(config.get("threshold", "inf")),
+            score=config.get("score", "max_softmax"),
+            guarantee=guarantee,
+            reference_scores=config.get("reference_scores"),
+            learned=config.get("learned"),
+        )
+
+    # ------------------------------------------------------------------ calibration
+    @classmethod
+    def calibrate(
+        cls,
+        logits: Tensor,
+        labels: Tensor,
+        alpha: float = 0.05,
+        delta: float = 0.1,
+        method: str = "ltt_hb",
+        score: str = "max_softmax",
+        *,
+        temperature: float | None = None,
+        score_train: tuple[Tensor, Tensor] | None = None,
+        grid_size: int = 2000,
+    ) -> "ConfidenceGate":
+        """Fit the temperature and choose the threshold on a calibration split.
+
+        Args:
+            logits: ``[N, C]`` calibration logits (uncalibrated).
+            labels: ``[N]`` labels.
+            alpha: target selective risk (error rate among accepted answers).
+            delta: allowed probability that the guarantee fails (``ltt_hb``).
+            method: ``ltt_hb`` (Learn-then-Test, Hoeffding-Bentkus, fixed-sequence testing:
+                ``P(selective risk <= alpha) >= 1 - delta``), ``crc`` (conformal risk control:
+                ``E[P(accepted and wrong)] <= alpha``) or ``empirical`` (no guarantee).
+            score: ``max_softmax``, ``margin``, ``neg_entropy`` or ``learned``.
+            temperature: use this temperature instead of fitting one on the calibration split.
+            score_train: ``(logits, labels)`` of a split disjoint from calibration, used to train
+                the learned score (required for ``score="learned"``).
+            grid_size: size of the fixed threshold grid.
+
+        Returns:
+            A gate whose ``guarantee`` dict records alpha, delta, method, n_cal, coverage_cal,
+            threshold, temperature, score and whether the bound was ``satisfied`` (with a
+            ``reason``). When no threshold meets the bound the threshold is +inf (accept nothing).
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}.")
+        if score not in _SCORE_NAMES:
+            raise ValueError(f"unknown score {score!r}; choose one of {list(_SCORE_NAMES)}.")
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}.")
+        if not 0.0 < delta < 1.0:
+            raise ValueError(f"delta must lie in (0, 1), got {delta!r}.")
+        if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"need logits [N, C] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}."
+            )
+        logits = logits.detach()
+        labels = labels.detach().long().to(logits.device)
+        t_source = "given"
+        if temperature is None:
+            temperature = fit_temperature(logits, labels)
+            t_source = "fitted on the calibration split"
+        learned_cfg = None
+        if score == "learned":
+            if score_train is None:
+                raise ValueError(
+                    "score='learned' needs score_train=(logits, labels) from a split disjoint from "
+                    "the calibration split (e.g. the validation split)."
+                )
+            from fallbackformer.gates.learned import LearnedScore
+
+            tr_logits, tr_labels = score_train
+            learned_cfg = LearnedScore.fit(tr_logits / temperature, tr_labels).to_config()
+        gate = cls(temperature=temperature, score=score, learned=learned_cfg)
+        with torch.no_grad():
+            conf = gate.confidence(logits)  # [N]
+            errors = logits.argmax(dim=1) != labels  # [N]
+        grid = risk_control.threshold_grid(score, logits.shape[1], grid_size)
+        result = risk_control.select_threshold(conf, errors, alpha=alpha, delta=delta, method=method, grid=grid)
+        thr = float(result["threshold"])
+        gate.threshold.fill_(thr)
+        accepted = torch.isfinite(conf) & (conf >= gate.threshold)
+        n_acc = int(accepted.sum())
+        n_err = int((accepted & errors).sum())
+        gate.guarantee = {
+            "alpha": float(alpha),
+            "delta": float(delta),
+            "method": method,
+            "score": score,
+            "threshold": thr,
+            "temperature": float(gate.temperature),
+            "temperature_source": t_source,
+            "n_cal": int(labels.shape[0]),
+            "n_accepted_cal": n_acc,
+            "coverage_cal": n_acc / max(int(labels.shape[0]), 1),
+            "selective_risk_cal": (n_err / n_acc) if n_acc else None,
+            **{k: v for k, v in result.items() if k != "threshold"},
+        }
+        gate.reference_scores = reference_sample(conf)
+        return gate
