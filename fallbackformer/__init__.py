@@ -1,2 +1,63 @@
-"""fallbackformer: models that answer on time."""
+"""fallbackformer: models that answer on time.
+
+The public API (see DESIGN.md). Importing the package loads torch and the light inference modules
+only; lightning, hydra, onnx and matplotlib are imported by the functions that need them.
+
+>>> import fallbackformer as ff
+>>> model = ff.load("checkpoints/digits")      # doctest: +SKIP
+>>> out = model(images)                         # doctest: +SKIP
+>>> out.prediction, out.served_by, out.reason   # doctest: +SKIP
+"""
+
+from fallbackformer.gates.gate import ConfidenceGate
+from fallbackformer.models.multi_exit import MultiExitNet
+from fallbackformer.models.registry import create_model, list_models, register_model
+from fallbackformer.runtime.events import FallbackEvent
+from fallbackformer.runtime.fallback_model import FallbackModel
+from fallbackformer.runtime.output import FallbackOutput
+from fallbackformer.runtime.policy import Policy
+from fallbackformer.runtime.reasons import REASONS
+from fallbackformer.runtime.validation import InputSpec, InvalidInputError
+
 __version__ = "0.1.0"
+
+
+def save(model: FallbackModel, path, **kwargs):
+    """Save ``model`` as a bundle directory (see :func:`fallbackformer.export.bundle.save`)."""
+    from fallbackformer.export.bundle import save as _save
+
+    return _save(model, path, **kwargs)
+
+
+def load(path, backend: str = "torch", **kwargs) -> FallbackModel:
+    """Load and verify a bundle (see :func:`fallbackformer.export.bundle.load`)."""
+    from fallbackformer.export.bundle import load as _load
+
+    return _load(path, backend=backend, **kwargs)
+
+
+def export_onnx(model: FallbackModel, path, **kwargs):
+    """Export the combined model to ONNX (see :func:`fallbackformer.export.onnx_export.export_onnx`)."""
+    from fallbackformer.export.onnx_export import export_onnx as _export_onnx
+
+    return _export_onnx(model, path, **kwargs)
+
+
+__all__ = [
+    "REASONS",
+    "ConfidenceGate",
+    "FallbackEvent",
+    "FallbackModel",
+    "FallbackOutput",
+    "InputSpec",
+    "InvalidInputError",
+    "MultiExitNet",
+    "Policy",
+    "create_model",
+    "export_onnx",
+    "list_models",
+    "load",
+    "register_model",
+    "save",
+    "__version__",
+]

@@ -1,0 +1,55 @@
+"""FallbackEvent: the audit record of one answer not served by the primary, and the sink protocol."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class FallbackEvent:
+    """One answer not served by the primary.
+
+    Attributes:
+        request_id: the call's id; ``sample`` is the index in that call's batch.
+        time_unix: wall-clock time of the call (seconds since the epoch).
+        served_by: who answered.
+        reason: why the primary did not ("" for an early exit that its gate accepted).
+        budget_ms: the policy's budget.
+        elapsed_ms: time from the call's start to its answer.
+        stage_ms: measured time of each primary stage that ran.
+        confidence: the calibrated score of the serving path (None for the default).
+        model_hashes: digests of the models (set by a loaded bundle), for the audit trail.
+        detail: a short machine-readable detail (an exception's type, say); never the reason.
+    """
+
+    request_id: str
+    sample: int
+    time_unix: float
+    served_by: str
+    reason: str
+    budget_ms: float
+    elapsed_ms: float
+    stage_ms: list[float] = field(default_factory=list)
+    confidence: float | None = None
+    model_hashes: dict[str, str] = field(default_factory=dict)
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EventSink(Protocol):
+    """Anything that takes events: an audit log, a metrics exporter, a list in a test."""
+
+    def emit(self, event: FallbackEvent) -> None: ...
+
+
+class ListSink:
+    """Keeps events in memory (tests, notebooks)."""
+
+    def __init__(self) -> None:
+        self.events: list[FallbackEvent] = []
+
+    def emit(self, event: FallbackEvent) -> None:
+        self.events.append(event)

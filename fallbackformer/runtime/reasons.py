@@ -1,0 +1,28 @@
+"""The closed vocabulary of fallback reasons. Extend it here, deliberately; never with free text."""
+
+from __future__ import annotations
+
+LOW_CONFIDENCE = "low_confidence"
+DEADLINE_PREDICTED = "deadline_predicted"
+DEADLINE_EXCEEDED = "deadline_exceeded"
+PRIMARY_ERROR = "primary_error"
+NONFINITE_OUTPUT = "nonfinite_output"
+BREAKER_OPEN = "breaker_open"
+INVALID_INPUT = "invalid_input"
+CALIBRATION_DRIFT = "calibration_drift"
+
+REASONS: tuple[str, ...] = (
+    LOW_CONFIDENCE,
+    DEADLINE_PREDICTED,
+    DEADLINE_EXCEEDED,
+    PRIMARY_ERROR,
+    NONFINITE_OUTPUT,
+    BREAKER_OPEN,
+    INVALID_INPUT,
+    CALIBRATION_DRIFT,
+)
+
+# served_by values besides "exit_<i>".
+PRIMARY = "primary"
+STUDENT = "student"
+DEFAULT = "default"

@@ -1,0 +1,110 @@
+"""Input validation: bad input gets a clear error that names the value and the fix."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+
+class InvalidInputError(ValueError):
+    """The input does not match the model's input spec; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The input as a user has it, before any model transform.
+
+    Attributes:
+        shape: per-sample shape (digits: ``(1, 8, 8)``).
+        dtype: the expected floating dtype name.
+        value_range: ``(low, high)`` of raw values (digits: ``(0, 16)``), or ``None``.
+        description: a human-readable note (what the values mean).
+    """
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    value_range: tuple[float, float] | None = None
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["value_range"] = list(self.value_range) if self.value_range is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "InputSpec":
+        vr = data.get("value_range")
+        return cls(
+            shape=tuple(int(s) for s in data["shape"]),
+            dtype=data.get("dtype", "float32"),
+            value_range=(float(vr[0]), float(vr[1])) if vr is not None else None,
+            description=data.get("description", ""),
+        )
+
+
+def check_batch(x: Any, spec: InputSpec | None) -> torch.Tensor:
+    """Check the whole-batch properties (type, rank, shape, dtype); return the batch as float.
+
+    Raises:
+        InvalidInputError: naming the bad value and the fix.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInputError(
+            f"input must be a torch.Tensor; got {type(x).__name__}. Wrap it: torch.as_tensor(x, dtype=torch.float32)"
+        )
+    if spec is None:
+        if x.dim() < 1 or x.shape[0] == 0:
+            raise InvalidInputError(f"input must be a non-empty batch [B, ...]; got shape {tuple(x.shape)}")
+        return x
+    expected = (len(spec.shape) + 1)
+    if x.dim() == len(spec.shape) and tuple(x.shape) == spec.shape:
+        raise InvalidInputError(
+            f"input shape {tuple(x.shape)} has no batch dimension; expected [B, {', '.join(map(str, spec.shape))}]. "
+            "Use x.unsqueeze(0) for a single sample"
+        )
+    if x.dim() != expected or tuple(x.shape[1:]) != spec.shape:
+        raise InvalidInputError(
+            f"input shape {tuple(x.shape)} does not match [B, {', '.join(map(str, spec.shape))}]"
+            f" ({spec.description or 'the model input'}); reshape it to that"
+        )
+    if x.shape[0] == 0:
+        raise InvalidInputError("input batch is empty (B=0); send at least one sample")
+    if not torch.is_floating_point(x):
+        if x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+            raise InvalidInputError(
+                f"input dtype {x.dtype} is not floating; expected {spec.dtype}. Convert it: x.float()"
+            )
+        raise InvalidInputError(f"input dtype {x.dtype} is not supported; expected {spec.dtype}")
+    target = getattr(torch, spec.dtype)
+    return x if x.dtype == target else x.to(target)
+
+
+def bad_samples(x: torch.Tensor, spec: InputSpec | None) -> torch.Tensor:
+    """Per-sample problems: non-finite values, or values outside the spec's range. BoolTensor [B]."""
+    flat = x.reshape(x.shape[0], -1)
+    bad = ~torch.isfinite(flat).all(dim=1)
+    if spec is not None and spec.value_range is not None:
+        lo, hi = spec.value_range
+        tol = 1e-3 * (hi - lo)
+        bad |= (flat < lo - tol).any(dim=1) | (flat > hi + tol).any(dim=1)
+    return bad
+
+
+def describe_bad_samples(x: torch.Tensor, bad: torch.Tensor, spec: InputSpec | None) -> str:
+    """A message naming the bad samples and the fix."""
+    idx = torch.nonzero(bad).flatten().tolist()
+    first = idx[0]
+    vals = x[first].reshape(-1)
+    finite = torch.isfinite(vals)
+    if not bool(finite.all()):
+        what = f"non-finite values (NaN or inf) in sample {first}"
+        fix = "clean or drop those samples before calling the model"
+    else:
+        lo, hi = spec.value_range if spec and spec.value_range else (float("-inf"), float("inf"))
+        what = f"values in [{vals.min().item():g}, {vals.max().item():g}] in sample {first}, outside the input range [{lo:g}, {hi:g}]"
+        fix = f"send raw values in [{lo:g}, {hi:g}] ({spec.description if spec else ''}); do not pre-normalise"
+    more = f" ({len(idx)} bad samples: {idx[:10]}{'...' if len(idx) > 10 else ''})"
+    return f"invalid input: {what}{more}; {fix}"

@@ -1,0 +1,74 @@
+"""LightningModule that trains a MultiExitNet: a weighted sum of the exits' cross-entropies."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from fallbackformer.models.multi_exit import MultiExitNet
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class MultiExitModule(L.LightningModule):
+    """Trains every exit of a primary jointly.
+
+    Args:
+        model: the primary.
+        optimizer: a partial optimizer (``_partial_: true`` in Hydra), called with the parameters.
+        num_classes: number of classes (for the metrics).
+        exit_weights: loss weight per exit (defaults to equal weights); the final exit's weight
+            is the primary's.
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    def __init__(
+        self,
+        model: MultiExitNet,
+        optimizer: OptimizerFactory,
+        num_classes: int,
+        exit_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        weights = list(exit_weights) if exit_weights is not None else [1.0] * model.num_exits
+        if len(weights) != model.num_exits:
+            raise ValueError(
+                f"exit_weights has {len(weights)} entries; the model has {model.num_exits} exits {model.exit_names}"
+            )
+        self.register_buffer("exit_weights", torch.tensor(weights) / sum(weights))
+        self.label_smoothing = label_smoothing
+        self.val_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in weights)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model(x)
+
+    def _loss(self, all_logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        losses = torch.stack([F.cross_entropy(lg, y, label_smoothing=self.label_smoothing) for lg in all_logits])
+        return (losses * self.exit_weights).sum()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self._loss(self.model(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        all_logits = self.model(x)
+        self.log("val/loss", self._loss(all_logits, y))
+        for name, metric, logits in zip(self.model.exit_names, self.val_acc, all_logits):
+            metric.update(logits, y)
+            self.log(f"val/acc_{name}", metric, on_epoch=True)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.model.parameters())
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -1,0 +1,226 @@
+"""The pipeline functions the scripts call: each takes the Hydra config, returns (metrics, objects).
+
+``run(cfg)`` is the main job: train the primary with early exits, distill the student, calibrate the
+gates, assemble the :class:`FallbackModel`, evaluate on the clean test split and the shift suite,
+save the bundle, export ONNX and check it against onnxruntime, and write ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fallbackformer.gates.gate import ConfidenceGate
+from fallbackformer.models.multi_exit import MultiExitNet
+from fallbackformer.runtime.fallback_model import FallbackModel
+from fallbackformer.runtime.validation import InputSpec
+
+log = logging.getLogger(__name__)
+
+DIGITS_INPUT = InputSpec(
+    shape=(1, 8, 8),
+    dtype="float32",
+    value_range=(0.0, 16.0),
+    description="raw 8x8 digits image, values 0..16 (scikit-learn load_digits().images)",
+)
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """The run directory (Hydra's, or ``cfg.output_dir`` when run without Hydra's runtime)."""
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _fit(module: L.LightningModule, datamodule: L.LightningDataModule, trainer_cfg: DictConfig,
+         monitor: str, max_epochs: int | None, ckpt_dir: Path) -> tuple[float, dict[str, float]]:
+    """Fit with Lightning, keep the checkpoint that is best on validation, load it back."""
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode="max", save_top_k=1,
+                                 filename="best", enable_version_counter=False)
+    overrides: dict[str, Any] = {"callbacks": [checkpoint], "default_root_dir": str(ckpt_dir)}
+    if max_epochs is not None:
+        overrides["max_epochs"] = max_epochs
+    trainer: L.Trainer = instantiate(trainer_cfg, **overrides)
+    trainer.fit(module, datamodule=datamodule)
+    if checkpoint.best_model_path:
+        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(state["state_dict"])
+    best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return best, metrics
+
+
+def train_primary(cfg: DictConfig, datamodule: L.LightningDataModule, workdir: Path) -> tuple[MultiExitNet, dict]:
+    """Train the primary's exits jointly; the checkpoint is chosen on the validation split."""
+    primary: MultiExitNet = instantiate(cfg.primary.model)
+    module = instantiate(cfg.primary.module)(model=primary)
+    best, _ = _fit(module, datamodule, cfg.trainer, cfg.primary.monitor, None, workdir / "primary")
+    return primary.eval(), {"val_acc_primary": best}
+
+
+def distill_student(cfg: DictConfig, datamodule: L.LightningDataModule, primary: MultiExitNet,
+                    workdir: Path) -> tuple[nn.Module, dict]:
+    """Distill the student from the frozen primary's final exit (Hinton loss)."""
+    student: nn.Module = instantiate(cfg.student.model)
+    module = instantiate(cfg.student.module)(student=student, teacher=primary)
+    best, _ = _fit(module, datamodule, cfg.trainer, cfg.student.monitor, cfg.student.max_epochs,
+                   workdir / "student")
+    return student.eval(), {"val_acc_student": best}
+
+
+@torch.no_grad()
+def path_logits(primary: MultiExitNet, student: nn.Module, x: torch.Tensor,
+                batch_size: int = 512) -> list[torch.Tensor]:
+    """Logits of every path on ``x``, ``[exit_1, ..., primary, student]``, each ``[N, C]``."""
+    chunks = [primary(xb) + [student(xb)] for xb in x.split(batch_size)]
+    return [torch.cat(parts) for parts in zip(*chunks)]
+
+
+def calibrate_gates(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
+                    x_cal: torch.Tensor, y_cal: torch.Tensor) -> tuple[list[ConfidenceGate], dict]:
+    """A gate per path on the calibration split: temperature, then a threshold (``cfg.gate``)."""
+    g = cfg.gate
+    logits = path_logits(primary, student, x_cal)
+    names = primary.exit_names + ["student"]
+    alphas = [g.alpha.exits] * (primary.num_exits - 1) + [g.alpha.primary, g.alpha.student]
+    gates = [
+        ConfidenceGate.calibrate(lg, y_cal, alpha=a, delta=g.delta, method=g.method, score=g.score)
+        for lg, a in zip(logits, alphas)
+    ]
+    report = {name: gate.guarantee for name, gate in zip(names, gates)}
+    return gates, report
+
+
+def assemble(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
+             gates: list[ConfidenceGate]) -> FallbackModel:
+    """The combined model, ready to serve."""
+    policy = instantiate(cfg.policy)
+    class_names = [str(i) for i in range(cfg.num_classes)]
+    return FallbackModel(primary, student, gates, policy, input_spec=DIGITS_INPUT,
+                         class_names=class_names).eval()
+
+
+@torch.no_grad()
+def evaluate_set(model: FallbackModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """Accuracy of the primary alone, the student alone and the system; the served_by mix."""
+    logits = path_logits(model.primary, model.student, x)
+    out = model(x)
+    n = len(y)
+    served = {name: out.served_by.count(name) / n for name in model.path_names + ["default"]}
+    fallback = sum(1 for s in out.served_by if s in ("student", "default")) / n
+    return {
+        "accuracy_primary": float((logits[-2].argmax(1) == y).float().mean()),
+        "accuracy_student": float((logits[-1].argmax(1) == y).float().mean()),
+        "accuracy_system": float((out.prediction == y).float().mean()),
+        "accuracy_exits": {name: float((lg.argmax(1) == y).float().mean())
+                           for name, lg in zip(model.primary.exit_names, logits[:-1])},
+        "fallback_rate": fallback,
+        "served_by": served,
+        "reasons": {r: out.reason.count(r) / n for r in sorted(set(out.reason)) if r},
+    }
+
+
+def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The main job (see the module docstring). Returns ``(summary, objects)``."""
+    seconds: dict[str, float] = {}
+    t_start = time.perf_counter()
+    out_dir = output_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    splits = datamodule.splits
+
+    t = time.perf_counter()
+    primary, train_metrics = train_primary(cfg, datamodule, out_dir / "checkpoints")
+    seconds["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    student, distill_metrics = distill_student(cfg, datamodule, primary, out_dir / "checkpoints")
+    seconds["distill"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    gates, calibration = calibrate_gates(cfg, primary, student, *splits["calibration"])
+    model = assemble(cfg, primary, student, gates)
+    seconds["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    x_test, y_test = splits["test"]
+    clean = evaluate_set(model, x_test, y_test)
+    suite = instantiate(cfg.shift)
+    shift_sets = suite.build(x_test, y_test)
+    shift = {}
+    for key, (xs, ys) in shift_sets.items():
+        r = evaluate_set(model, xs, ys)
+        shift[key] = {k: r[k] for k in ("accuracy_system", "accuracy_primary", "accuracy_student", "fallback_rate")}
+    seconds["evaluate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    from fallbackformer.export import check_onnx_parity, export_onnx, save
+
+    bundle_dir = Path(cfg.bundle_dir)
+    evaluation_summary = {"clean": clean, "shift": shift}
+    save(model, bundle_dir, evaluation=evaluation_summary,
+         degradation=OmegaConf.to_container(cfg.degradation, resolve=True))
+    onnx_report: dict[str, Any] = {}
+    if cfg.onnx.export:
+        onnx_path = export_onnx(model, out_dir / "model.onnx", variant=cfg.onnx.variant)
+        onnx_report = check_onnx_parity(model, onnx_path, x_test)
+    seconds["export"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_start
+
+    summary = {
+        "accuracy": {"primary": clean["accuracy_primary"], "student": clean["accuracy_student"],
+                     "system": clean["accuracy_system"], **clean["accuracy_exits"]},
+        "fallback_rate": clean["fallback_rate"],
+        "served_by": clean["served_by"],
+        "reasons": clean["reasons"],
+        "shift": shift,
+        "onnx": onnx_report,
+        "bundle": str(bundle_dir),
+        "calibration": calibration,
+        "training": {**train_metrics, **distill_metrics},
+        "seconds": seconds,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    log.info("summary written to %s", out_dir / "summary.json")
+    print(format_summary(summary))
+    objects = {"model": model, "primary": primary, "student": student, "gates": gates,
+               "splits": splits, "shift_sets": shift_sets, "output_dir": out_dir}
+    return summary, objects
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short plain-text table of the main figures."""
+    a = summary["accuracy"]
+    lines = [
+        "fallbackformer run summary",
+        f"  clean accuracy   primary {a['primary']:.4f}   student {a['student']:.4f}   system {a['system']:.4f}",
+        f"  fallback rate    {summary['fallback_rate']:.4f}",
+        "  served_by        " + "  ".join(f"{k} {v:.3f}" for k, v in summary["served_by"].items()),
+    ]
+    if summary.get("onnx"):
+        o = summary["onnx"]
+        lines.append(f"  onnx             max_abs_diff {o.get('max_abs_diff', float('nan')):.2e}   "
+                     f"decisions_agree {o.get('decisions_agree', float('nan')):.4f}")
+    lines.append(f"  {'shift set':<22} {'system':>8} {'primary':>8} {'student':>8} {'fallback':>9}")
+    for key, r in summary["shift"].items():
+        lines.append(f"  {key:<22} {r['accuracy_system']:>8.4f} {r['accuracy_primary']:>8.4f} "
+                     f"{r['accuracy_student']:>8.4f} {r['fallback_rate']:>9.4f}")
+    s = summary["seconds"]
+    lines.append("  seconds          " + "  ".join(f"{k} {v:.1f}" for k, v in s.items()))
+    lines.append(f"  bundle           {summary['bundle']}")
+    return "\n".join(lines)
