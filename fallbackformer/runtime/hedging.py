@@ -1,0 +1,380 @@
+"""Hedging: run a callable beside the caller and get its result, or a timeout, at a deadline.
+
+The primary may stall or hang; the caller must still answer on time. :class:`Hedger` runs a callable
+on a persistent worker thread while the caller does something else (the student); at the deadline the
+caller takes whatever is ready. Three rules keep a misbehaving primary from hurting anyone:
+
+* the caller never waits past its deadline (:meth:`Ticket.wait`);
+* a worker runs one task at a time and a busy worker refuses new work: :meth:`Hedger.submit` returns
+  ``None`` at once when every worker is busy, so the caller falls back immediately and a stuck primary
+  never piles up a queue;
+* a timed-out task is cancelled cooperatively (:attr:`Ticket.cancelled`, which the task may check
+  between stages) and its late result is discarded, though :meth:`Ticket.add_done_callback` still
+  sees it (to record how long the stall really was).
+
+The worker inherits the caller's autograd mode (grad / no-grad / inference mode are thread-local in
+PyTorch). On a GPU, :class:`Hedger` can launch the task on a side CUDA stream, and
+:class:`SideStream` launches a callable on a side stream from the calling thread itself (kernel
+launches are asynchronous); both complete when a CUDA event recorded after the work has finished,
+which is polled with ``event.query()``, never synchronised.
+
+>>> import threading
+>>> from fallbackformer.runtime.clock import FakeClock
+>>> clock = FakeClock()
+>>> hedger = Hedger(clock=clock)
+>>> ticket = hedger.submit(lambda: 42)
+>>> ticket.wait(deadline_ns=clock.now_ns() + 5_000_000).value
+42
+>>> hedger.close()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+
+from fallbackformer.runtime.clock import NS_PER_MS, Clock, MonotonicClock, wait_until
+
+__all__ = ["HedgeStatus", "HedgeResult", "Ticket", "DeadlineWorker", "Hedger", "SideStream", "cuda_streams_available"]
+
+
+def cuda_streams_available() -> bool:
+    """Whether side CUDA streams can be used here."""
+    return torch.cuda.is_available()
+
+
+def _require_cuda(what: str) -> None:
+    if not cuda_streams_available():
+        raise RuntimeError(
+            f"{what} needs CUDA, and torch.cuda.is_available() is False here; "
+            "on CPU hedge with a worker thread instead (Hedger(cuda_streams=False))"
+        )
+
+
+class HedgeStatus(str, Enum):
+    """How a hedged call ended for the caller."""
+
+    OK = "ok"  # the result was ready by the deadline
+    TIMEOUT = "timeout"  # not ready at the deadline (the task may still be running)
+    BUSY = "busy"  # every worker was still busy: the task was never started
+    ERROR = "error"  # the task raised by the deadline
+
+
+@dataclass
+class HedgeResult:
+    """What the caller got at (or before) its deadline."""
+
+    status: HedgeStatus
+    value: Any = None
+    error: BaseException | None = None
+    elapsed_ms: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == HedgeStatus.OK
+
+
+_Callback = Callable[["Ticket"], Any]
+
+
+class Ticket:
+    """A task handed to a worker: wait for it with a deadline, cancel it, or watch its late end."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.submitted_ns = clock.now_ns()
+        self.finished_ns: int | None = None
+        self.done = threading.Event()
+        self.cancelled = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.cuda_event: Any = None  # torch.cuda.Event recorded after the task's kernels
+        self._callbacks: list[_Callback] = []
+        self._lock = threading.Lock()
+
+    @property
+    def duration_ms(self) -> float | None:
+        """How long the task took on the worker (``None`` while it runs)."""
+        if self.finished_ns is None:
+            return None
+        return (self.finished_ns - self.submitted_ns) / NS_PER_MS
+
+    def cancel(self) -> None:
+        """Ask the task to stop at its next check of :attr:`cancelled`; its result will be discarded."""
+        self.cancelled.set()
+
+    def add_done_callback(self, fn: _Callback) -> None:
+        """Call ``fn(ticket)`` once the task has finished (now, if it already has; else on the worker)."""
+        with self._lock:
+            if not self.done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _finish(self) -> None:
+        self.finished_ns = self.clock.now_ns()
+        with self._lock:
+            self.done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # a broken callback must not kill the worker
+                pass
+
+    def _cuda_ready(self, deadline_ns: int) -> bool:
+        if self.cuda_event is None:
+            return True
+        while not self.cuda_event.query():
+            if self.clock.now_ns() >= deadline_ns:
+                return False
+            time.sleep(20e-6)
+        torch.cuda.current_stream().wait_event(self.cuda_event)  # already complete: orders the streams
+        return True
+
+    def wait(self, deadline_ns: int) -> HedgeResult:
+        """Wait until the task is done or ``deadline_ns`` (clock time), whichever comes first."""
+        ready = wait_until(self.clock, self.done, deadline_ns) and self._cuda_ready(deadline_ns)
+        elapsed = (self.clock.now_ns() - self.submitted_ns) / NS_PER_MS
+        if not ready:
+            return HedgeResult(HedgeStatus.TIMEOUT, elapsed_ms=elapsed)
+        if self.error is not None:
+            return HedgeResult(HedgeStatus.ERROR, error=self.error, elapsed_ms=elapsed)
+        return HedgeResult(HedgeStatus.OK, value=self.value, elapsed_ms=elapsed)
+
+
+class DeadlineWorker:
+    """One persistent daemon thread that runs one task at a time and refuses work while busy.
+
+    Args:
+        clock: the clock of the deadlines (a :class:`FakeClock` is told when the worker is busy).
+        name: thread name.
+        cuda_stream: run tasks under this CUDA stream (the ticket completes when its kernels have).
+    """
+
+    def __init__(self, clock: Clock | None = None, name: str = "fallbackformer-hedge", cuda_stream: Any = None) -> None:
+        if cuda_stream is not None:
+            _require_cuda("DeadlineWorker(cuda_stream=...)")
+        self.clock = clock or MonotonicClock()
+        self.name = name
+        self.cuda_stream = cuda_stream
+        self._cond = threading.Condition()
+        self._task: tuple[Ticket, Callable[..., Any], tuple, dict, bool, bool, Any] | None = None
+        self._busy = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a task is running (or handed over and not yet finished)."""
+        with self._cond:
+            return self._busy
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Ticket | None:
+        """Start ``fn(*args, **kwargs)`` now, or return ``None`` at once if busy or closed."""
+        with self._cond:
+            if self._busy or self._closed:
+                return None
+            self._busy = True
+            ticket = Ticket(self.clock)
+            caller_event = None
+            if self.cuda_stream is not None:
+                caller_event = torch.cuda.Event()
+                caller_event.record()  # the inputs were produced on the caller's stream
+            self._task = (
+                ticket,
+                fn,
+                args,
+                kwargs,
+                torch.is_grad_enabled(),
+                torch.is_inference_mode_enabled(),
+                caller_event,
+            )
+            busy = getattr(self.clock, "worker_busy", None)
+            if busy is not None:
+                busy(self._thread.ident)
+            self._cond.notify_all()
+            return ticket
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._task is None and not self._closed:
+                    self._cond.wait()
+                if self._task is None:
+                    return
+                task, self._task = self._task, None
+            ticket, fn, args, kwargs, grad, inference, caller_event = task
+            try:
+                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                    if self.cuda_stream is None:
+                        ticket.value = fn(*args, **kwargs)
+                    else:
+                        self.cuda_stream.wait_event(caller_event)
+                        with torch.cuda.stream(self.cuda_stream):
+                            ticket.value = fn(*args, **kwargs)
+                            done = torch.cuda.Event()
+                            done.record(self.cuda_stream)
+                            ticket.cuda_event = done
+            except BaseException as err:  # noqa: BLE001 - reported to the caller, never raised here
+                ticket.error = err
+            finally:
+                ticket._finish()
+                with self._cond:
+                    self._busy = False
+                    idle = getattr(self.clock, "worker_idle", None)
+                    if idle is not None:
+                        idle(self._thread.ident)
+                    self._cond.notify_all()
+
+    def close(self, timeout_s: float | None = 0.0) -> None:
+        """Stop taking work; the thread ends after its current task (joined up to ``timeout_s``)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if timeout_s is None or timeout_s > 0:
+            self._thread.join(timeout_s)
+
+
+class Hedger:
+    """A small pool of :class:`DeadlineWorker` s, created lazily, with counters.
+
+    Args:
+        max_workers: tasks that may run at once; beyond that :meth:`submit` refuses (``None``).
+            A hung task occupies its worker until it returns, so this also bounds the threads a
+            hanging primary can hold.
+        clock: the clock of the deadlines.
+        name: thread name prefix.
+        cuda_streams: give each worker its own side CUDA stream (needs CUDA).
+    """
+
+    def __init__(
+        self,
+        max_workers: int = 1,
+        clock: Clock | None = None,
+        name: str = "fallbackformer-hedge",
+        cuda_streams: bool = False,
+    ) -> None:
+        if max_workers < 1:
+            raise ValueError(f"Hedger max_workers must be >= 1; got {max_workers!r}")
+        if cuda_streams:
+            _require_cuda("Hedger(cuda_streams=True)")
+        self.max_workers = int(max_workers)
+        self.clock = clock or MonotonicClock()
+        self.name = name
+        self.cuda_streams = cuda_streams
+        self._lock = threading.Lock()
+        self._workers: list[DeadlineWorker] = []
+        self._closed = False
+        self.submitted = 0
+        self.refused = 0
+        self.timeouts = 0
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Ticket | None:
+        """Start ``fn`` on an idle worker, or return ``None`` at once when all are busy (counted)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"Hedger {self.name!r} is closed; create a new one")
+            for worker in self._workers:
+                ticket = worker.submit(fn, *args, **kwargs)
+                if ticket is not None:
+                    self.submitted += 1
+                    return ticket
+            if len(self._workers) < self.max_workers:
+                stream = torch.cuda.Stream() if self.cuda_streams else None
+                worker = DeadlineWorker(self.clock, f"{self.name}-{len(self._workers)}", cuda_stream=stream)
+                self._workers.append(worker)
+                ticket = worker.submit(fn, *args, **kwargs)
+                if ticket is not None:
+                    self.submitted += 1
+                    return ticket
+            self.refused += 1
+            return None
+
+    def run(self, fn: Callable[..., Any], deadline_ns: int, *args: Any, **kwargs: Any) -> HedgeResult:
+        """Run ``fn`` on a worker and return its result, or a timeout at ``deadline_ns``.
+
+        On a timeout the task is cancelled (cooperatively) and keeps its worker until it returns.
+        """
+        start = self.clock.now_ns()
+        ticket = self.submit(fn, *args, **kwargs)
+        if ticket is None:
+            return HedgeResult(HedgeStatus.BUSY, elapsed_ms=(self.clock.now_ns() - start) / NS_PER_MS)
+        result = ticket.wait(deadline_ns)
+        if result.status == HedgeStatus.TIMEOUT:
+            ticket.cancel()
+            with self._lock:
+                self.timeouts += 1
+        return result
+
+    def note_timeout(self) -> None:
+        """Count a timeout observed by a caller that waited on a ticket itself."""
+        with self._lock:
+            self.timeouts += 1
+
+    @property
+    def busy_workers(self) -> int:
+        """Workers running a task now (a hung task keeps its worker busy)."""
+        with self._lock:
+            return sum(w.busy for w in self._workers)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: submitted, refused (all workers busy), timeouts, workers, busy_workers."""
+        with self._lock:
+            workers = list(self._workers)
+            out = {"submitted": self.submitted, "refused": self.refused, "timeouts": self.timeouts}
+        out["workers"] = len(workers)
+        out["busy_workers"] = sum(w.busy for w in workers)
+        return out
+
+    def close(self, timeout_s: float | None = 0.0) -> None:
+        """Stop every worker after its current task (hung ones are daemon threads and are left)."""
+        with self._lock:
+            self._closed = True
+            workers = list(self._workers)
+        for worker in workers:
+            worker.close(timeout_s)
+
+
+class _StreamTicket(Ticket):
+    """A :class:`Ticket` for work launched on a side stream from the calling thread."""
+
+
+class SideStream:
+    """Launch a callable on a side CUDA stream from the calling thread, and wait for it with a deadline.
+
+    Kernel launches are asynchronous, so :meth:`launch` returns as soon as the work is queued; the
+    returned ticket completes when a CUDA event recorded after the work has completed (polled with
+    ``event.query()``). Typical use: launch the student on the side stream, run the primary on the
+    current stream, and at the deadline take whichever is ready.
+
+    Raises:
+        RuntimeError: without CUDA (use :class:`Hedger` with a worker thread on CPU).
+    """
+
+    def __init__(self, device: torch.device | int | None = None, clock: Clock | None = None) -> None:
+        _require_cuda("SideStream")
+        self.stream = torch.cuda.Stream(device=device)
+        self.clock = clock or MonotonicClock()
+
+    def launch(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Ticket:
+        """Queue ``fn(*args, **kwargs)`` on the side stream after the current stream's pending work."""
+        ticket = _StreamTicket(self.clock)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(self.stream):
+                ticket.value = fn(*args, **kwargs)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+                ticket.cuda_event = done
+        except BaseException as err:  # noqa: BLE001 - reported through the ticket
+            ticket.error = err
+        ticket._finish()
+        return ticket

@@ -1,0 +1,146 @@
+"""LatencyProfile: quantiles against numpy, buckets, predictions, persistence, threads, warm-up."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fallbackformer.runtime.clock import FakeClock, ScriptedDelay
+from fallbackformer.runtime.latency import LatencyProfile, batch_bucket, nearest_rank, warm_up
+
+durations = st.floats(min_value=0.0, max_value=1e4, allow_nan=False, allow_infinity=False)
+
+
+def test_batch_buckets_are_powers_of_two() -> None:
+    assert [batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 256, 257)] == [1, 2, 4, 4, 8, 8, 16, 256, 512]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        batch_bucket(0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(durations, min_size=1, max_size=300), st.floats(min_value=0.0, max_value=1.0))
+def test_nearest_rank_matches_numpy_inverted_cdf(values: list[float], q: float) -> None:
+    expected = float(np.quantile(np.asarray(values), q, method="inverted_cdf"))
+    assert nearest_rank(sorted(values), q) == pytest.approx(expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(durations, min_size=1, max_size=200), st.integers(min_value=1, max_value=64))
+def test_quantiles_are_exact_over_the_recent_window(values: list[float], window: int) -> None:
+    profile = LatencyProfile(window=window, min_samples=1, refresh_every=1)
+    for v in values:
+        profile.record("s", 1, v)
+    recent = np.asarray(values[-window:])
+    assert profile.p99("s", 1) == pytest.approx(float(np.quantile(recent, 0.99, method="inverted_cdf")))
+    assert profile.p50("s", 1) == pytest.approx(float(np.quantile(recent, 0.5, method="inverted_cdf")))
+    assert profile.count("s", 1) == len(values)
+
+
+def test_memory_is_bounded_by_the_window() -> None:
+    profile = LatencyProfile(window=32)
+    for i in range(10_000):
+        profile.record("s", 7, float(i))
+    bucket = profile._buckets["s"][8]
+    assert len(bucket.samples) == 32
+    assert bucket.recent() == [float(i) for i in range(10_000 - 32, 10_000)]
+
+
+def test_cached_quantiles_refresh_every_n_samples() -> None:
+    profile = LatencyProfile(window=100, min_samples=1, refresh_every=4)
+    profile.record("s", 1, 1.0)
+    assert profile.p99("s", 1) == 1.0
+    for _ in range(3):
+        profile.record("s", 1, 9.0)
+    assert profile.p99("s", 1) == 1.0  # three new samples: the cache stands
+    profile.record("s", 1, 9.0)
+    assert profile.p99("s", 1) == 9.0
+
+
+def test_predictions_use_own_then_larger_then_scaled_smaller_buckets() -> None:
+    profile = LatencyProfile(min_samples=2)
+    assert profile.predict_p99("unknown", 4, default=7.0) == 7.0
+    for ms in (1.0, 2.0):
+        profile.record("s", 4, ms)
+        profile.record("s", 64, 10 * ms)
+    assert profile.predict_p99("s", 3) == 2.0  # own bucket (4)
+    assert profile.predict_p99("s", 16) == 20.0  # the larger bucket 64 bounds it
+    assert profile.predict_p99("s", 200) == 20.0 * 256 / 64  # scaled from 64 to 256
+    profile.record("s", 1, 100.0)  # one sample: below min_samples, not trusted yet
+    assert profile.p99("s", 1) is None
+    assert profile.predict_p99("s", 1) == 2.0
+
+
+def test_record_refuses_bad_durations() -> None:
+    profile = LatencyProfile()
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            profile.record("s", 1, bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"window": 0}, {"min_samples": 0}, {"window": 4, "min_samples": 5}, {"refresh_every": 0}],
+)
+def test_constructor_validates(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="LatencyProfile"):
+        LatencyProfile(**kwargs)
+
+
+def test_round_trip_through_json_keeps_priors_and_samples() -> None:
+    profile = LatencyProfile(window=64, min_samples=4)
+    for i in range(50):
+        profile.record("stage_0", 1, 1.0 + i / 100)
+        profile.record("student", 32, 0.2)
+    data = json.loads(json.dumps(profile.to_dict()))
+    restored = LatencyProfile.from_dict(data)
+    assert restored.window == 64 and restored.min_samples == 4
+    assert restored.predict_p99("stage_0", 1) == profile.predict_p99("stage_0", 1)
+    assert restored.p50("student", 32) == pytest.approx(0.2)
+    assert restored.summary()["stage_0"][1]["count"] == 50
+    # new live samples take over once there are min_samples of them
+    for _ in range(4):
+        restored.record("stage_0", 1, 30.0)
+    assert restored.predict_p99("stage_0", 1) == 30.0
+
+    with_samples = LatencyProfile.from_dict(profile.to_dict(include_samples=True))
+    assert with_samples._buckets["stage_0"][1].recent() == pytest.approx(profile._buckets["stage_0"][1].recent())
+
+
+def test_from_dict_refuses_bad_data() -> None:
+    with pytest.raises(ValueError, match="format_version"):
+        LatencyProfile.from_dict({"format_version": 99})
+    with pytest.raises(ValueError, match="power of two"):
+        LatencyProfile.from_dict({"stages": {"s": {"3": {"p50": 1, "p99": 2, "count": 1}}}})
+
+
+def test_concurrent_records_are_all_counted() -> None:
+    profile = LatencyProfile(window=16, refresh_every=1)
+
+    def work(seed: int) -> None:
+        for i in range(500):
+            profile.record("s", 1 + (i % 5), float(seed))
+            profile.predict_p99("s", 3)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert profile.count("s") == 2000
+
+
+def test_warm_up_times_on_the_given_clock() -> None:
+    clock = FakeClock()
+    stage = ScriptedDelay(nn.Identity(), clock, [5.0, 5.0, 1.0, 2.0, 3.0])
+    profile = LatencyProfile(min_samples=1)
+    got = profile.warm_up("stage_0", lambda: stage(0), batch_size=8, repeats=3, discard=2, clock=clock)
+    assert got == [1.0, 2.0, 3.0]  # the two discarded calls are not recorded
+    assert profile.count("stage_0", 8) == 3 and profile.p99("stage_0", 8) == 3.0
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        warm_up(profile, "s", lambda: None, 1, repeats=0)
