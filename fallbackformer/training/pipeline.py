@@ -224,3 +224,71 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append("  seconds          " + "  ".join(f"{k} {v:.1f}" for k, v in s.items()))
     lines.append(f"  bundle           {summary['bundle']}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- stage entry points
+# scripts/train.py, distill.py, calibrate.py and export.py run the main job one step at a time,
+# passing models between them through safetensors files in a directory (training/artifacts.py).
+
+
+def _stage_setup(cfg: DictConfig) -> tuple[Path, L.LightningDataModule]:
+    out_dir = output_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    return out_dir, datamodule
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train the primary; write ``primary.safetensors`` / ``primary.json`` into the run directory."""
+    from fallbackformer.training.artifacts import save_model
+
+    out_dir, datamodule = _stage_setup(cfg)
+    primary, metrics = train_primary(cfg, datamodule, out_dir / "checkpoints")
+    save_model(primary, out_dir, "primary")
+    return metrics, {"primary": primary, "output_dir": out_dir}
+
+
+def distill(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Distill the student from the primary in ``cfg.primary_dir``; write ``student.*``."""
+    from fallbackformer.training.artifacts import load_model, save_model
+
+    out_dir, datamodule = _stage_setup(cfg)
+    primary = load_model(cfg.primary_dir, "primary")
+    student, metrics = distill_student(cfg, datamodule, primary, out_dir / "checkpoints")
+    save_model(student, out_dir, "student")
+    return metrics, {"student": student, "output_dir": out_dir}
+
+
+def calibrate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Calibrate the gates of ``cfg.primary_dir`` / ``cfg.student_dir``; write ``calibration.json``."""
+    from fallbackformer.training.artifacts import load_model
+
+    out_dir, datamodule = _stage_setup(cfg)
+    primary = load_model(cfg.primary_dir, "primary")
+    student = load_model(cfg.student_dir, "student")
+    gates, report = calibrate_gates(cfg, primary, student, *datamodule.splits["calibration"])
+    payload = {"gates": {n: g.to_config() for n, g in zip(primary.exit_names + ["student"], gates)},
+               "guarantees": report}
+    (out_dir / "calibration.json").write_text(json.dumps(payload, indent=2, default=float))
+    return report, {"gates": gates, "output_dir": out_dir}
+
+
+def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Assemble primary, student and the gates of ``cfg.calibration``; save the bundle and ONNX."""
+    from fallbackformer.export import check_onnx_parity, export_onnx, save
+    from fallbackformer.training.artifacts import load_model
+
+    out_dir, datamodule = _stage_setup(cfg)
+    primary = load_model(cfg.primary_dir, "primary")
+    student = load_model(cfg.student_dir, "student")
+    gate_cfgs = json.loads(Path(cfg.calibration).read_text())["gates"]
+    gates = [ConfidenceGate.from_config(gate_cfgs[n]) for n in primary.exit_names + ["student"]]
+    model = assemble(cfg, primary, student, gates)
+    bundle = save(model, Path(cfg.bundle_dir), degradation=OmegaConf.to_container(cfg.degradation, resolve=True))
+    metrics: dict[str, Any] = {"bundle": str(bundle)}
+    if cfg.onnx.export:
+        onnx_path = export_onnx(model, out_dir / "model.onnx", variant=cfg.onnx.variant)
+        metrics["onnx"] = check_onnx_parity(model, onnx_path, datamodule.splits["test"][0])
+    return metrics, {"model": model, "output_dir": out_dir}
