@@ -1,1 +1,22 @@
-"""fallbackformer.export."""
+"""fallbackformer.export: bundles (safetensors + a verified manifest), ONNX and torch.export.
+
+Importing this package needs torch and safetensors only; onnx, onnxscript and onnxruntime are
+imported when an ONNX function is called.
+"""
+
+from fallbackformer.export.bundle import FORMAT_VERSION, BundleError, load, read_manifest, save
+from fallbackformer.export.graph import CombinedGraph, served_by_codes
+from fallbackformer.export.onnx_export import check_onnx_parity, export_onnx, onnxruntime_vs_torch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BundleError",
+    "CombinedGraph",
+    "check_onnx_parity",
+    "export_onnx",
+    "load",
+    "onnxruntime_vs_torch",
+    "read_manifest",
+    "save",
+    "served_by_codes",
+]

@@ -1,0 +1,351 @@
+"""Export a :class:`FallbackModel` as one ONNX graph and check it against the PyTorch runtime.
+
+The exporter is ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` + onnxscript), the
+default of torch 2.13: the TorchScript exporter cannot export ``AdaptiveAvgPool2d`` with a dynamic
+batch axis, nor ``torch.cond`` as an ``If`` node.
+
+>>> path = export_onnx(model, "model.onnx")                       # doctest: +SKIP
+>>> check_onnx_parity(model, path, x)                             # doctest: +SKIP
+{'max_abs_diff': 1.2e-06, 'decisions_agree': True, ...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from fallbackformer.export.graph import OUTPUT_NAMES, VARIANTS, CombinedGraph, served_by_codes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fallbackformer.runtime.fallback_model import FallbackModel
+
+DEFAULT_OPSET = 18
+
+
+def example_input(model: "FallbackModel", batch: int = 4) -> Tensor:
+    """A valid raw batch for tracing: mid-range values of the model's input spec.
+
+    Raises:
+        ValueError: when the model has no ``input_spec`` (pass an example input explicitly).
+    """
+    spec = model.input_spec
+    if spec is None:
+        raise ValueError(
+            "the model has no input_spec, so the input shape is unknown; pass example_input=<a raw "
+            "batch [B, ...]> or build the FallbackModel with input_spec=InputSpec(shape=...)"
+        )
+    lo, hi = spec.value_range if spec.value_range is not None else (0.0, 1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((batch, *spec.shape), generator=g) * (hi - lo) + lo
+    return x.to(getattr(torch, spec.dtype))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints and warnings (it reports failures by raising)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_module_onnx(
+    module: nn.Module,
+    example: Tensor | tuple[Tensor, ...],
+    path: str | Path,
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int = DEFAULT_OPSET,
+    check: bool = True,
+) -> Path:
+    """Export any module with a dynamic batch axis on every input; check the graph.
+
+    Args:
+        module: the module (put in eval mode by the caller).
+        example: example input(s), batch size >= 2 so the batch axis is not specialised.
+        path: the ``.onnx`` file to write (parent folders are created).
+        input_names: one name per input.
+        output_names: one name per output.
+        opset: the ONNX opset.
+        check: run ``onnx.checker.check_model(full_check=True)``.
+
+    Returns:
+        The path written.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = example if isinstance(example, tuple) else (example,)
+    if args[0].shape[0] < 2:
+        raise ValueError(
+            f"example batch size {args[0].shape[0]} would fix the batch axis; trace with a batch of >= 2"
+        )
+    batch = torch.export.Dim("batch")
+    dynamic_shapes = tuple({0: batch} for _ in args)
+    if len(input_names) != len(args):
+        raise ValueError(f"{len(args)} example inputs but input_names={input_names}")
+    with _quiet(), torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            verbose=False,
+        )
+        program.save(str(path), external_data=False)
+    if check:
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return path
+
+
+def export_onnx(
+    model: "FallbackModel",
+    path: str | Path,
+    *,
+    variant: str = "where",
+    opset: int = DEFAULT_OPSET,
+    example_input: Tensor | None = None,
+) -> Path:
+    """Export the whole model (transforms, exits, gates, student, default) as one ONNX graph.
+
+    Input ``x``: the same raw batch as ``FallbackModel`` (digits: float ``[B, 1, 8, 8]`` in 0..16),
+    dynamic batch axis. Outputs ``prediction`` (int64 [B]), ``served_by`` (int64 [B], codes of
+    :func:`served_by_codes`, also written into the model's metadata as ``served_by_codes``),
+    ``confidence`` (float [B]) and ``logits`` (float [B, C]). See
+    :mod:`fallbackformer.export.graph` for what the graph holds and what stays in the runtime.
+
+    Args:
+        model: the model to export (its modules are put in eval mode).
+        path: the ``.onnx`` file to write.
+        variant: ``"where"`` (per-sample ``Where`` selection) or ``"cond"`` (also ``If`` nodes
+            that skip the later stages once the whole batch has exited).
+        opset: the ONNX opset.
+        example_input: a raw batch for tracing (default: from the model's input spec).
+
+    Returns:
+        The path written; the graph passed ``onnx.checker.check_model(full_check=True)``.
+    """
+    import onnx
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown ONNX variant {variant!r}; choose one of {list(VARIANTS)}")
+    model.eval()
+    x = example_input if example_input is not None else _example(model)
+    graph = CombinedGraph(model, variant).eval()
+    path = export_module_onnx(
+        graph, x, path, input_names=["x"], output_names=list(OUTPUT_NAMES), opset=opset, check=False
+    )
+    proto = onnx.load(str(path))
+    codes = served_by_codes(model.path_names)
+    meta = {
+        "served_by_codes": ",".join(codes),
+        "variant": variant,
+        "producer": "fallbackformer",
+        "default_prediction": str(graph.default_prediction),
+    }
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = (
+        "fallbackformer combined model: served_by codes "
+        + ", ".join(f"{i}={n}" for i, n in enumerate(codes))
+    )
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return path
+
+
+def _example(model: "FallbackModel") -> Tensor:
+    return example_input(model)
+
+
+def ort_session(path: str | Path, *, threads: int | None = None):
+    """An onnxruntime CPU ``InferenceSession`` with warnings silenced."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session_or_path: Any, x: Tensor) -> dict[str, Tensor]:
+    """Run a combined graph; returns ``{output name: tensor}``."""
+    sess = session_or_path if hasattr(session_or_path, "run") else ort_session(session_or_path)
+    feed = {sess.get_inputs()[0].name: x.detach().cpu().float().numpy()}
+    outs = sess.run(None, feed)
+    return {o.name: torch.from_numpy(v) for o, v in zip(sess.get_outputs(), outs)}
+
+
+def reference_runtime(model: "FallbackModel") -> "FallbackModel":
+    """A sink-free copy of the runtime that shares the modules, for parity checks.
+
+    The deadline is lifted (a graph has none) and invalid input gets the default (a graph cannot
+    raise); everything else is the model's own policy, gates and modules. The model's counters and
+    sinks are untouched.
+    """
+    from fallbackformer.runtime.fallback_model import FallbackModel
+
+    policy = dataclasses.replace(model.policy, budget_ms=1e9, on_invalid_input="default")
+    ref = FallbackModel(
+        model.primary,
+        model.student,
+        {name: model.gates[name] for name in model.path_names},
+        policy=policy,
+        input_spec=model.input_spec,
+        class_names=model.class_names,
+    )
+    return ref.eval()
+
+
+def runtime_decisions(model: "FallbackModel", x: Tensor) -> dict[str, Tensor]:
+    """The PyTorch runtime's answer as the graph's four tensors (served_by as codes)."""
+    ref = reference_runtime(model)
+    codes = {n: i for i, n in enumerate(served_by_codes(model.path_names))}
+    out = ref(x)
+    return {
+        "prediction": out.prediction.cpu(),
+        "served_by": torch.tensor([codes[s] for s in out.served_by], dtype=torch.long),
+        "confidence": out.confidence.float().cpu(),
+        "logits": out.logits.float().cpu(),
+    }
+
+
+def compare_decisions(ref: dict[str, Tensor], got: dict[str, Tensor]) -> dict[str, Any]:
+    """Parity figures between two answers given as the graph's four tensors."""
+    agree_pred = ref["prediction"] == got["prediction"]
+    agree_served = ref["served_by"] == got["served_by"]
+
+    def max_diff(a: Tensor, b: Tensor) -> float:
+        a, b = a.float(), b.float()
+        both_nan = torch.isnan(a) & torch.isnan(b)
+        diff = (a - b).abs()
+        diff = torch.where(both_nan, torch.zeros_like(diff), diff)
+        if diff.numel() == 0:
+            return 0.0
+        d = diff.max().item()
+        return float("inf") if d != d else d  # a NaN on one side only is a mismatch
+
+    ref_l, got_l = ref["logits"], got["logits"]
+    if ref_l.shape != got_l.shape:  # the runtime keeps [B, 0] when nothing served
+        logits_diff = 0.0 if bool(torch.isnan(got_l).all()) and ref_l.numel() == 0 else float("inf")
+    else:
+        logits_diff = max_diff(ref_l, got_l)
+    return {
+        "n": int(agree_pred.numel()),
+        "max_abs_diff": logits_diff,
+        "max_abs_diff_confidence": max_diff(ref["confidence"], got["confidence"]),
+        "decisions_agree": bool(agree_pred.all() and agree_served.all()),
+        "prediction_agree": float(agree_pred.float().mean()),
+        "served_by_agree": float(agree_served.float().mean()),
+        "served_by_counts": {
+            int(c): int(n) for c, n in zip(*torch.unique(got["served_by"], return_counts=True))
+        },
+    }
+
+
+def check_onnx_parity(model: "FallbackModel", onnx_path: str | Path, x: Tensor) -> dict[str, Any]:
+    """Compare a combined ONNX graph in onnxruntime with the PyTorch runtime on a raw batch.
+
+    Args:
+        model: the :class:`FallbackModel` the graph was exported from.
+        onnx_path: the combined graph (:func:`export_onnx`).
+        x: raw input ``[B, ...]``.
+
+    Returns:
+        ``max_abs_diff`` (logits of the serving path, NaN rows of the default equal),
+        ``max_abs_diff_confidence``, ``decisions_agree`` (prediction and served_by identical for
+        every sample), the agreement fractions, ``n`` and ``served_by_counts`` (code -> count).
+    """
+    ref = runtime_decisions(model, x)
+    got = run_onnx(onnx_path, x)
+    return compare_decisions(ref, got)
+
+
+def _median_ms(fn, x: Tensor, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def onnxruntime_vs_torch(
+    model: "FallbackModel",
+    x_b1: Tensor,
+    x_b64: Tensor,
+    *,
+    repeats: int = 30,
+    variants: tuple[str, ...] = ("where", "cond"),
+    workdir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Latency of the combined ONNX graphs in onnxruntime against the PyTorch runtime (eager).
+
+    Both sides answer the same batches; decisions are compared on each.
+
+    Args:
+        model: the model.
+        x_b1: a raw batch of 1.
+        x_b64: a raw batch of 64.
+        repeats: timed calls per measurement (the median is reported).
+        variants: which combined graphs to time.
+        workdir: where to write the graphs (a temporary folder by default).
+
+    Returns:
+        ``{"torch_ms": {"b1", "b64"}, "<variant>": {"ms": {...}, "ratio": {...},
+        "decisions_identical": bool}}``; ``ratio`` is onnxruntime time / torch eager time
+        (below 1: onnxruntime is faster).
+    """
+    import tempfile
+
+    ref = reference_runtime(model)
+    torch_ms = {
+        "b1": _median_ms(ref, x_b1, repeats),
+        "b64": _median_ms(ref, x_b64, repeats),
+    }
+    result: dict[str, Any] = {"torch_ms": torch_ms}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(workdir) if workdir is not None else Path(tmp)
+        for variant in variants:
+            path = export_onnx(model, folder / f"model_{variant}.onnx", variant=variant)
+            sess = ort_session(path)
+            ms = {
+                "b1": _median_ms(lambda x: run_onnx(sess, x), x_b1, repeats),
+                "b64": _median_ms(lambda x: run_onnx(sess, x), x_b64, repeats),
+            }
+            identical = all(
+                compare_decisions(runtime_decisions(model, x), run_onnx(sess, x))["decisions_agree"]
+                for x in (x_b1, x_b64)
+            )
+            result[variant] = {
+                "ms": ms,
+                "ratio": {k: ms[k] / torch_ms[k] for k in ms},
+                "decisions_identical": identical,
+            }
+    return result
