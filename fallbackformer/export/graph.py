@@ -21,9 +21,10 @@ Two variants:
 
 - ``"where"``: every stage and the student run on the whole batch; ``torch.where`` selects per
   sample. One straight graph, the same work whatever the input.
-- ``"cond"``: the same per-sample selection, but after each exit a ``torch.cond`` (an ONNX ``If``)
-  skips the remaining stages when no sample of the batch is still pending, and the student runs
-  only when some sample needs it.
+- ``"cond"``: the same per-sample selection, but each segment of stages between two exits sits in
+  a ``torch.cond`` (an ONNX ``If``) that runs it only while some sample of the batch is still
+  pending, and the student runs only when some sample needs it. Once the whole batch has exited,
+  the remaining segments are skipped (they return zeros that no pending sample can take).
 """
 
 from __future__ import annotations
@@ -63,9 +64,13 @@ class CombinedGraph(nn.Module):
         model: the model to mirror.
         variant: ``"where"`` (per-sample selection, everything runs) or ``"cond"`` (per-sample
             selection, and ``torch.cond`` skips the later stages once nothing is pending).
+        example_input: a raw batch, for the ``"cond"`` variant to learn the stages' output shapes
+            (default: from the model's input spec).
     """
 
-    def __init__(self, model: "FallbackModel", variant: str = "where") -> None:
+    def __init__(
+        self, model: "FallbackModel", variant: str = "where", example_input: Tensor | None = None
+    ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
@@ -90,6 +95,17 @@ class CombinedGraph(nn.Module):
             self.value_range: tuple[float, float] | None = (float(lo - tol), float(hi + tol))
         else:
             self.value_range = None
+        self.segment_shapes: list[tuple[tuple[int, ...], int]] | None = None
+        if variant == "cond":
+            if example_input is None and spec is not None:
+                from fallbackformer.export.onnx_export import example_input as make_example
+
+                example_input = make_example(model, batch=2)
+            if example_input is not None:
+                was_training = self.training
+                self.eval()
+                self.segment_shapes = self._probe_shapes(example_input)
+                self.train(was_training)
 
     # ------------------------------------------------------------------ pieces
 
@@ -166,53 +182,78 @@ class CombinedGraph(nn.Module):
         return self._run_student(x, to_student, state)
 
     def _forward_cond(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # A flat sequence of conds (one per segment of stages between exits, one for the student),
+        # not a nested tree: each branch is traced once. A skipped segment returns zeros of the
+        # segment's output shapes; nothing is pending then, so no later exit can take those zeros.
+        if self.segment_shapes is None:
+            raise RuntimeError(
+                "the 'cond' variant needs the stage output shapes; build CombinedGraph(model, "
+                "'cond', example_input=x) or give the model an input_spec"
+            )
         alive = ~self._bad(x)  # [B]
         to_student = torch.zeros_like(alive)  # [B]
         h = self.input_transform(x)
-        return self._cond_from(0, 0, x, h, alive, to_student, None)
+        state = None
+        last = len(self.exit_stages) - 1
+        for k in range(len(self.exit_stages)):
+            if k == 0:
+                h, logits = self._segment(0, h)
+            else:
+                h, logits = torch.cond(
+                    alive.any(), self._segment_fn(k, run=True), self._segment_fn(k, run=False), (h,)
+                )
+            if state is None:
+                state = self._initial_state(x, logits)
+            accepted, conf, finite = self._decide(k, logits)
+            take = alive & accepted
+            state = self._take(take, k, logits, conf, state)
+            if k == last:
+                to_student = to_student | (alive & ~take)
+            else:
+                to_student = to_student | (alive & ~finite)
+                alive = alive & ~accepted & finite
+        c_student = self.segment_shapes[-1][1]
 
-    def _cond_from(
-        self,
-        stage_start: int,
-        k: int,
-        x: Tensor,
-        h: Tensor,
-        alive: Tensor,
-        to_student: Tensor,
-        state: tuple | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Run stages from ``stage_start`` up to exit ``k``; then branch on what is pending."""
-        stage_index = self.exit_stages[k]
-        for i in range(stage_start, stage_index + 1):
+        def run_student(x: Tensor) -> Tensor:
+            return self.student(x).float()
+
+        def skip_student(x: Tensor) -> Tensor:
+            return torch.zeros((x.shape[0], c_student), dtype=torch.float32, device=x.device)
+
+        logits = torch.cond(to_student.any(), run_student, skip_student, (x,))  # [B, C]
+        accepted, conf, _ = self._decide(len(self.path_names) - 1, logits)
+        return self._take(to_student & accepted, self.student_code, logits, conf, state)
+
+    def _segment(self, k: int, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Stages after exit ``k-1`` up to exit ``k``, and exit ``k``'s head: (features, logits [B, C])."""
+        start = 0 if k == 0 else self.exit_stages[k - 1] + 1
+        stop = self.exit_stages[k]
+        for i in range(start, stop + 1):
             h = self.stages[i](h)
-        logits = self.heads[str(stage_index)](h)  # [B, C]
-        if state is None:
-            state = self._initial_state(x, logits)
-        accepted, conf, finite = self._decide(k, logits)
-        take = alive & accepted
-        state = self._take(take, k, logits, conf, state)
-        if k == len(self.exit_stages) - 1:
-            to_student = to_student | (alive & ~take)
-            return self._cond_student(x, to_student, state)
-        to_student = to_student | (alive & ~finite)
-        alive = alive & ~accepted & finite
+        return h, self.heads[str(stop)](h).float()
 
-        def more(x, h, alive, to_student, pred, served, confidence, out_logits):
-            return self._cond_from(
-                stage_index + 1, k + 1, x, h, alive, to_student, (pred, served, confidence, out_logits)
+    def _segment_fn(self, k: int, run: bool):
+        feat_shape, c = self.segment_shapes[k]
+
+        def run_segment(h: Tensor) -> tuple[Tensor, Tensor]:
+            return self._segment(k, h)
+
+        def skip_segment(h: Tensor) -> tuple[Tensor, Tensor]:
+            b = h.shape[0]
+            return (
+                torch.zeros((b, *feat_shape), dtype=h.dtype, device=h.device),
+                torch.zeros((b, c), dtype=torch.float32, device=h.device),
             )
 
-        def skip(x, h, alive, to_student, pred, served, confidence, out_logits):
-            return self._cond_student(x, to_student, (pred, served, confidence, out_logits))
+        return run_segment if run else skip_segment
 
-        operands = (x, h, alive, to_student, *state)
-        return tuple(torch.cond(alive.any(), more, skip, operands))
-
-    def _cond_student(self, x: Tensor, to_student: Tensor, state: tuple) -> tuple:
-        def run(x, to_student, pred, served, confidence, out_logits):
-            return self._run_student(x, to_student, (pred, served, confidence, out_logits))
-
-        def done(x, to_student, pred, served, confidence, out_logits):
-            return pred.clone(), served.clone(), confidence.clone(), out_logits.clone()
-
-        return tuple(torch.cond(to_student.any(), run, done, (x, to_student, *state)))
+    @torch.no_grad()
+    def _probe_shapes(self, x: Tensor) -> list[tuple[tuple[int, ...], int]]:
+        """Per exit: (feature shape without batch, number of classes); last entry: the student's."""
+        shapes = []
+        h = self.input_transform(x)
+        for k in range(len(self.exit_stages)):
+            h, logits = self._segment(k, h)
+            shapes.append((tuple(h.shape[1:]), int(logits.shape[1])))
+        shapes.append(((), int(self.student(x).shape[1])))
+        return shapes

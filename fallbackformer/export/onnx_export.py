@@ -72,6 +72,7 @@ def export_module_onnx(
     output_names: list[str],
     opset: int = DEFAULT_OPSET,
     check: bool = True,
+    optimize: bool = True,
 ) -> Path:
     """Export any module with a dynamic batch axis on every input; check the graph.
 
@@ -83,6 +84,8 @@ def export_module_onnx(
         output_names: one name per output.
         opset: the ONNX opset.
         check: run ``onnx.checker.check_model(full_check=True)``.
+        optimize: run onnxscript's graph optimizer (constant folding, dead code); onnxruntime
+            optimizes again at session creation, so small graphs lose nothing without it.
 
     Returns:
         The path written.
@@ -110,6 +113,7 @@ def export_module_onnx(
             output_names=output_names,
             dynamic_shapes=dynamic_shapes,
             external_data=False,
+            optimize=optimize,
             verbose=False,
         )
         program.save(str(path), external_data=False)
@@ -151,7 +155,7 @@ def export_onnx(
         raise ValueError(f"unknown ONNX variant {variant!r}; choose one of {list(VARIANTS)}")
     model.eval()
     x = example_input if example_input is not None else _example(model)
-    graph = CombinedGraph(model, variant).eval()
+    graph = CombinedGraph(model, variant, example_input=x).eval()
     path = export_module_onnx(
         graph, x, path, input_names=["x"], output_names=list(OUTPUT_NAMES), opset=opset, check=False
     )

@@ -81,7 +81,9 @@ def export_stage_graphs(
 
     def write(module: nn.Module, example: Tensor, name: str) -> str:
         rel = f"{ONNX_DIR}/{name}.onnx"
-        export_module_onnx(module, example, folder / rel, input_names=["x"], output_names=["y"])
+        export_module_onnx(
+            module, example, folder / rel, input_names=["x"], output_names=["y"], optimize=False
+        )
         return rel
 
     with torch.no_grad():
