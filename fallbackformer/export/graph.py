@@ -42,6 +42,17 @@ OUTPUT_NAMES = ("prediction", "served_by", "confidence", "logits")
 DEFAULT = "default"
 
 
+def _cond(pred: Tensor, true_fn, false_fn, operands: tuple):
+    """``torch.cond`` while tracing (export: an ONNX ``If``); a plain Python branch in eager mode.
+
+    Eager ``torch.cond`` compiles its branches with dynamo on every new shape, which is slow and
+    buys nothing outside a trace.
+    """
+    if torch.compiler.is_compiling():
+        return torch.cond(pred, true_fn, false_fn, operands)
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+
 def served_by_codes(path_names: Sequence[str]) -> list[str]:
     """The ``served_by`` code table: ``codes[i]`` is the name of code ``i``.
 
@@ -199,7 +210,7 @@ class CombinedGraph(nn.Module):
             if k == 0:
                 h, logits = self._segment(0, h)
             else:
-                h, logits = torch.cond(
+                h, logits = _cond(
                     alive.any(), self._segment_fn(k, run=True), self._segment_fn(k, run=False), (h,)
                 )
             if state is None:
@@ -220,7 +231,7 @@ class CombinedGraph(nn.Module):
         def skip_student(x: Tensor) -> Tensor:
             return torch.zeros((x.shape[0], c_student), dtype=torch.float32, device=x.device)
 
-        logits = torch.cond(to_student.any(), run_student, skip_student, (x,))  # [B, C]
+        logits = _cond(to_student.any(), run_student, skip_student, (x,))  # [B, C]
         accepted, conf, _ = self._decide(len(self.path_names) - 1, logits)
         return self._take(to_student & accepted, self.student_code, logits, conf, state)
 

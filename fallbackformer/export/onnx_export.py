@@ -18,7 +18,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -307,49 +307,55 @@ def onnxruntime_vs_torch(
     *,
     repeats: int = 30,
     variants: tuple[str, ...] = ("where", "cond"),
-    workdir: str | Path | None = None,
+    onnx_paths: Mapping[str, str | Path] | None = None,
+    backend_model: "FallbackModel | None" = None,
 ) -> dict[str, Any]:
-    """Latency of the combined ONNX graphs in onnxruntime against the PyTorch runtime (eager).
+    """Latency of onnxruntime against the PyTorch runtime (eager), at batch 1 and 64.
 
-    Both sides answer the same batches; decisions are compared on each.
+    Rows: each combined graph (``variants``) in one onnxruntime session, and optionally
+    ``backend_model`` (a bundle loaded with ``backend="onnxruntime"``: the same runtime, stages in
+    onnxruntime). The deadline is lifted on both sides (:func:`reference_runtime`) so that every
+    call does the full work; decisions (prediction and served_by) are compared on both batches.
 
     Args:
-        model: the model.
+        model: the model (torch eager is the baseline).
         x_b1: a raw batch of 1.
         x_b64: a raw batch of 64.
-        repeats: timed calls per measurement (the median is reported).
+        repeats: timed calls per measurement (the median is reported, after 3 warm-up calls).
         variants: which combined graphs to time.
-        workdir: where to write the graphs (a temporary folder by default).
+        onnx_paths: already exported graphs ``{variant: path}`` (exported to a temporary folder
+            otherwise).
+        backend_model: a model loaded with ``ff.load(path, backend="onnxruntime")``.
 
     Returns:
-        ``{"torch_ms": {"b1", "b64"}, "<variant>": {"ms": {...}, "ratio": {...},
-        "decisions_identical": bool}}``; ``ratio`` is onnxruntime time / torch eager time
-        (below 1: onnxruntime is faster).
+        ``{"torch_ms": {"b1": ms, "b64": ms}, "<row>": {"ms": {...}, "ratio": {...},
+        "decisions_identical": bool}}`` with rows ``onnx_where``, ``onnx_cond`` and
+        ``ort_backend``; ``ratio`` is onnxruntime time / torch eager time (below 1: onnxruntime is
+        faster).
     """
     import tempfile
 
+    batches = {"b1": x_b1, "b64": x_b64}
     ref = reference_runtime(model)
-    torch_ms = {
-        "b1": _median_ms(ref, x_b1, repeats),
-        "b64": _median_ms(ref, x_b64, repeats),
-    }
+    torch_ms = {k: _median_ms(ref, x, repeats) for k, x in batches.items()}
+    expected = {k: runtime_decisions(model, x) for k, x in batches.items()}
     result: dict[str, Any] = {"torch_ms": torch_ms}
+
+    def row(fn, decide) -> dict[str, Any]:
+        ms = {k: _median_ms(fn, x, repeats) for k, x in batches.items()}
+        identical = all(
+            compare_decisions(expected[k], decide(x))["decisions_agree"] for k, x in batches.items()
+        )
+        return {"ms": ms, "ratio": {k: ms[k] / torch_ms[k] for k in ms}, "decisions_identical": identical}
+
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(workdir) if workdir is not None else Path(tmp)
         for variant in variants:
-            path = export_onnx(model, folder / f"model_{variant}.onnx", variant=variant)
+            path = (onnx_paths or {}).get(variant)
+            if path is None:
+                path = export_onnx(model, Path(tmp) / f"model_{variant}.onnx", variant=variant)
             sess = ort_session(path)
-            ms = {
-                "b1": _median_ms(lambda x: run_onnx(sess, x), x_b1, repeats),
-                "b64": _median_ms(lambda x: run_onnx(sess, x), x_b64, repeats),
-            }
-            identical = all(
-                compare_decisions(runtime_decisions(model, x), run_onnx(sess, x))["decisions_agree"]
-                for x in (x_b1, x_b64)
-            )
-            result[variant] = {
-                "ms": ms,
-                "ratio": {k: ms[k] / torch_ms[k] for k in ms},
-                "decisions_identical": identical,
-            }
+            result[f"onnx_{variant}"] = row(lambda x: run_onnx(sess, x), lambda x: run_onnx(sess, x))
+    if backend_model is not None:
+        ort_ref = reference_runtime(backend_model)
+        result["ort_backend"] = row(ort_ref, lambda x: runtime_decisions(backend_model, x))
     return result

@@ -32,7 +32,10 @@ def tiny_model(seed: int = 0, accept=ACCEPT, policy: ff.Policy | None = None, **
         gate = ff.ConfidenceGate(temperature=0.5 + 0.25 * i, threshold=0.0)
         conf = gate.confidence(z).sort(descending=True).values  # [N]
         k = max(1, int(a * len(conf)))
-        gate.threshold.fill_(float((conf[k - 1] + conf[k]) / 2))  # midway: no ties with these scores
+        if k >= len(conf):
+            gate.threshold.fill_(0.0)  # accepts every finite answer
+        else:
+            gate.threshold.fill_(float((conf[k - 1] + conf[k]) / 2))  # midway: no ties with these scores
         gates.append(gate)
     policy = policy or ff.Policy(budget_ms=1e6)
     kwargs.setdefault("input_spec", DIGITS_SPEC)
