@@ -1,0 +1,84 @@
+"""load(path, backend="onnxruntime"): stages, heads and the student in onnxruntime, the same runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import fallbackformer as ff
+from fallbackformer.export.bundle import MANIFEST, BundleError, load, save
+from fallbackformer.export.onnx_export import check_onnx_parity
+from fallbackformer.export.ort_backend import OrtModule
+from fallbackformer.runtime.clock import FakeClock, ScriptedDelay
+from fallbackformer.runtime.events import ListSink
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(model, tmp_path_factory):
+    return save(model, tmp_path_factory.mktemp("b") / "bundle", onnx=True)
+
+
+def test_bundle_holds_hashed_graphs(onnx_bundle):
+    m = json.loads((onnx_bundle / MANIFEST).read_text())
+    graphs = {"model.onnx", "onnx/input_transform.onnx", "onnx/student.onnx"}
+    graphs |= {f"onnx/stage_{i}.onnx" for i in range(4)} | {f"onnx/head_{i}.onnx" for i in range(4)}
+    assert graphs <= set(m["files"])
+    assert m["onnx"]["combined"] == "model.onnx" and len(m["onnx"]["stages"]) == 4
+
+
+def test_backend_matches_torch(model, onnx_bundle, raw):
+    x = raw(300, seed=5)
+    x[9, 0, 0, 0] = float("inf")
+    ort_model = load(onnx_bundle, backend="onnxruntime")
+    assert isinstance(ort_model.primary.stages[0], OrtModule) and isinstance(ort_model.student, OrtModule)
+    torch_model = load(onnx_bundle)
+    for m in (ort_model, torch_model):
+        m.policy = ff.Policy(budget_ms=1e6, on_invalid_input="default")
+    expected, got = torch_model(x), ort_model(x)
+    assert got.served_by == expected.served_by and got.reason == expected.reason
+    assert torch.equal(got.prediction, expected.prediction)
+    diff = (got.logits - expected.logits).abs().nan_to_num(0.0).max().item()
+    assert diff < 1e-4
+    assert len(set(got.served_by)) == 6
+    # the combined graph shipped in the bundle agrees too
+    assert check_onnx_parity(model, onnx_bundle / "model.onnx", x)["decisions_agree"]
+
+
+def test_backend_batches_of_one(onnx_bundle, raw):
+    ort_model, torch_model = load(onnx_bundle, backend="onnxruntime"), load(onnx_bundle)
+    for i in range(5):
+        x = raw(1, seed=100 + i)
+        a, b = ort_model(x), torch_model(x)
+        assert a.served_by == b.served_by and torch.equal(a.prediction, b.prediction)
+
+
+def test_deadlines_and_events_work_with_onnxruntime_as_the_engine(onnx_bundle, raw):
+    clock, sink = FakeClock(), ListSink()
+    ort_model = load(onnx_bundle, backend="onnxruntime", clock=clock, sinks=[sink])
+    ort_model.policy = ff.Policy(budget_ms=5.0)
+    stage = ort_model.primary.stages[1]
+    ort_model.primary.stages[1] = ScriptedDelay(stage, clock, 20.0)  # stage 2 takes 20 ms
+    x = raw(64, seed=3)
+    out = ort_model(x)
+    assert "exit_1" in out.served_by  # samples that exit before the slow stage keep their answer
+    # exit_2 reads the slow stage's output (the deadline is checked before a stage starts);
+    # nothing after it runs: the rest falls back with a deadline reason.
+    assert not {"exit_3", "primary"} & set(out.served_by)
+    late = [r for s, r in zip(out.served_by, out.reason) if s not in ("exit_1", "exit_2")]
+    assert late and all(r.startswith("deadline") for r in late)
+    fallbacks = [s for s in out.served_by if s in ("student", "default")]
+    assert len([e for e in sink.events if e.served_by in ("student", "default")]) == len(fallbacks)
+    assert all(e.reason.startswith("deadline") for e in sink.events if e.served_by in ("student", "default"))
+    assert ort_model.model_hashes["primary"]
+
+
+def test_refuses_a_changed_stage_graph(onnx_bundle, tmp_path):
+    bundle = Path(shutil.copytree(onnx_bundle, tmp_path / "b"))
+    p = bundle / "onnx" / "stage_2.onnx"
+    p.write_bytes(p.read_bytes() + b"\0")
+    with pytest.raises(BundleError, match=r"file onnx/stage_2\.onnx .* changed or corrupted"):
+        load(bundle, backend="onnxruntime")
