@@ -118,7 +118,8 @@ def reliability_diagram(
     top.bar(centre[filled], acc[filled], width=width, edgecolor="black", color="#1f77b4", label="accuracy")
     gap_lo = [min(a, c) for a, c in zip(acc[filled], conf[filled])]
     gap_h = [abs(a - c) for a, c in zip(acc[filled], conf[filled])]
-    top.bar(centre[filled], gap_h, bottom=gap_lo, width=width, color="#d62728", alpha=0.35, hatch="//", label="gap")
+    top.bar(centre[filled], gap_h, bottom=gap_lo, width=width, facecolor=(0.84, 0.15, 0.16, 0.25),
+            edgecolor="#d62728", linewidth=0.8, hatch="//", label="gap to confidence")
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
@@ -146,7 +147,7 @@ def risk_coverage_curve(
         correct: ``[N]`` bool.
         title: figure title.
         alpha: the target risk of a gate; drawn as a horizontal line.
-        operating_point: ``(coverage, risk)`` of the calibrated threshold, marked on the curve.
+        operating_point: ``(coverage, risk)`` where the gate (or the system) operates, marked on the curve.
         path: if given, also write a PNG there.
     """
     fig = _new_figure(5.5, 4.0)
@@ -165,7 +166,7 @@ def risk_coverage_curve(
     if alpha is not None:
         ax.axhline(alpha, color="#d62728", linestyle="--", linewidth=1, label=f"alpha = {alpha:g}")
     if operating_point is not None:
-        ax.plot([operating_point[0]], [operating_point[1]], "o", color="#d62728", label="calibrated threshold")
+        ax.plot([operating_point[0]], [operating_point[1]], "o", color="#d62728", label="operating point")
     ax.set_xlim(0, 1)
     top = float(risk.max()) if len(cov) else 0.0
     ax.set_ylim(0, max(top, alpha or 0.0, 0.02) * 1.1)
@@ -185,13 +186,16 @@ def _series_plot(
     ylim: tuple[float, float] | None,
     xticklabels: Mapping[float, str] | None = None,
 ) -> Figure:
-    fig = _new_figure(6.5, 4.0)
+    fig = _new_figure(6.5 if len(series) <= 8 else 8.0, 4.0)
     ax = fig.subplots()
     for i, (name, points) in enumerate(series.items()):
         xs = sorted(points)
         ys = [points[x] for x in xs]
         style = "-o" if name not in ("oracle_exit", "oracle_router") else "--"
-        ax.plot(xs, ys, style, color=_colour(name, i), label=name, linewidth=2.2 if name == "system" else 1.4)
+        bold = name in ("system", "mean")
+        colour = "black" if name == "mean" else _colour(name, i)
+        ax.plot(xs, ys, style, color=colour, label=name, linewidth=2.4 if bold else 1.2,
+                markersize=5 if bold else 3, zorder=3 if bold else 2)
     if xticklabels:
         ax.set_xticks(list(xticklabels), list(xticklabels.values()))
     ax.set_xlabel(xlabel)
@@ -201,7 +205,10 @@ def _series_plot(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if series:
-        ax.legend(fontsize=8, ncols=2)
+        if len(series) > 8:
+            ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", ncols=1 if len(series) <= 22 else 2)
+        else:
+            ax.legend(fontsize=8, ncols=2)
     return fig
 
 
@@ -246,6 +253,7 @@ def accuracy_vs_budget(
     accuracy: Mapping[str, Sequence[float]],
     fallback_rate: Mapping[str, Sequence[float]] | None = None,
     title: str = "Accuracy vs latency budget",
+    policy_budget_ms: float | None = None,
     path: PathLike | None = None,
 ) -> Figure:
     """System accuracy (and fallback rate) against the latency budget.
@@ -255,13 +263,16 @@ def accuracy_vs_budget(
         accuracy: ``{label: [accuracy per budget]}`` (e.g. per set).
         fallback_rate: optional ``{label: [rate per budget]}``, drawn dashed on a second axis.
         title: figure title.
+        policy_budget_ms: the model's configured budget, drawn as a vertical line.
         path: if given, also write a PNG there.
     """
-    fig = _new_figure(6.5, 4.0)
+    fig = _new_figure(8.5, 4.2)
     ax = fig.subplots()
     xs = list(budgets_ms)
     for i, (name, ys) in enumerate(accuracy.items()):
         ax.plot(xs, list(ys), "-o", color=_colour(name, i), label=f"accuracy: {name}", markersize=3)
+    if policy_budget_ms is not None:
+        ax.axvline(policy_budget_ms, color="black", linestyle=":", linewidth=1, label=f"policy budget {policy_budget_ms:g} ms")
     ax.set_xscale("log")
     ax.set_xlabel("latency budget (ms)")
     ax.set_ylabel("accuracy")
@@ -276,7 +287,7 @@ def accuracy_vs_budget(
         ax2.set_ylim(0, 1.02)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, fontsize=7, loc="center right")
+    ax.legend(handles, labels, fontsize=7, bbox_to_anchor=(1.12 if fallback_rate else 1.01, 1), loc="upper left")
     ax.set_title(title)
     return _finish(fig, path)
 
