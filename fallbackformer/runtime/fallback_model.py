@@ -1,19 +1,39 @@
 """FallbackModel: one nn.Module that answers on time and says who answered and why.
 
-One call walks the primary's stages; after each exit head the exit's gate decides per sample.
-Samples that exit leave the batch (compaction), later stages run on the rest only. Samples the
-primary cannot serve (its final gate rejects, it raises, its output is non-finite or malformed,
-the deadline passes) go to the student; samples the student's gate rejects get the safe default.
-Every answer not served by the primary is counted and, when sinks are attached, recorded.
+One call, end to end (DESIGN.md):
+
+1. Validate the input (a clear error, or the safe default for the bad samples only).
+2. The circuit breaker may refuse the primary (reason ``breaker_open``; the rollback switch forces it).
+3. Walk the primary's stages. Before each stage: past the deadline -> ``deadline_exceeded``; elapsed
+   time + predicted p99 of the stages up to the next exit + the student's p99 + the margin over the
+   budget -> the stage is not started (``deadline_predicted``). After each exit head its gate decides
+   per sample; samples that exit leave the batch (compaction) and later stages run on the rest only.
+   An exit whose answer comes after the deadline does not serve (``deadline_exceeded``).
+4. Samples the primary cannot serve (its final gate rejects, it raises, its output is non-finite or
+   malformed, a deadline) go to the student; samples the student's gate rejects get the safe default.
+5. The hard deadline (``Policy.hedge``): the primary runs on a worker thread and the call takes
+   whatever is ready at the deadline; the student is started in time to be ready by then. A stuck
+   primary never piles up work: when every worker is still busy the call falls back at once.
+
+Every stage's measured time goes into a :class:`~fallbackformer.runtime.latency.LatencyProfile`
+(seed it with :meth:`FallbackModel.warm_up`), which the admission check reads. Every answer not
+served by the primary is counted and, when sinks are attached, recorded as a :class:`FallbackEvent`.
+One model may serve many threads at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
+import statistics
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,8 +41,11 @@ from torch import nn
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.runtime import reasons as R
-from fallbackformer.runtime.clock import Clock, MonotonicClock
+from fallbackformer.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from fallbackformer.runtime.clock import NS_PER_MS, Clock, MonotonicClock
 from fallbackformer.runtime.events import EventSink, FallbackEvent
+from fallbackformer.runtime.hedging import Hedger, HedgeStatus
+from fallbackformer.runtime.latency import LatencyProfile
 from fallbackformer.runtime.output import FallbackOutput
 from fallbackformer.runtime.policy import Policy
 from fallbackformer.runtime.validation import (
@@ -32,6 +55,22 @@ from fallbackformer.runtime.validation import (
     check_batch,
     describe_bad_samples,
 )
+
+STUDENT_UNIT = R.STUDENT
+TRANSFORM_UNIT = "transform"
+
+# Outcomes of the primary path, for the breaker and the stall detector.
+_OK, _PREDICTED, _EXCEEDED, _ERROR, _NONFINITE, _TIMEOUT, _BUSY = (
+    "ok",
+    "predicted",
+    "exceeded",
+    "error",
+    "nonfinite",
+    "timeout",
+    "busy",
+)
+_FAILURES = frozenset({_EXCEEDED, _ERROR, _NONFINITE, _TIMEOUT, _BUSY})
+_STALLS = frozenset({_EXCEEDED, _TIMEOUT, _BUSY})
 
 
 class FallbackModel(nn.Module):
@@ -47,8 +86,12 @@ class FallbackModel(nn.Module):
         clock: the time source (``now_ns()``); a fake clock makes deadline tests deterministic.
         sinks: receivers of :class:`FallbackEvent`.
         class_names: optional names of the classes, carried into bundles.
+        profile: the latency profile to read and update (a fresh one by default; a bundle may
+            bring one from its manifest).
+        breaker: a circuit breaker to use instead of the one ``policy.breaker`` describes.
 
     >>> model = FallbackModel(primary, student, gates, policy=Policy(budget_ms=5.0))  # doctest: +SKIP
+    >>> model.warm_up(x_example)  # doctest: +SKIP
     >>> out = model(x)  # doctest: +SKIP
     """
 
@@ -63,6 +106,8 @@ class FallbackModel(nn.Module):
         clock: Clock | None = None,
         sinks: Iterable[EventSink] = (),
         class_names: Sequence[str] | None = None,
+        profile: LatencyProfile | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(primary, MultiExitNet):
@@ -80,139 +125,520 @@ class FallbackModel(nn.Module):
         self.sinks: list[EventSink] = list(sinks)
         self.class_names = list(class_names) if class_names is not None else None
         self.model_hashes: dict[str, str] = {}
+        self.profile = profile or LatencyProfile(window=self.policy.latency_window)
         self._lock = threading.Lock()
         self.served_counts: Counter[str] = Counter()
         self.reason_counts: Counter[str] = Counter()
         self.calls = 0
+        self.sink_errors = 0
+        self.compile_report: dict[str, dict[str, Any]] = {}
+        #: the function ``compile`` policies use (tests swap it for a fake); called as ``fn(module)``
+        self.compile_fn: Callable[[nn.Module], Callable[..., Any]] = _torch_compile
+        self._ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:8]
+        self._given_breaker = breaker
+        self.breaker: CircuitBreaker | None = breaker
+        self._hedger: Hedger | None = None
+        self._hedge_calls_left = 0
+        self._synced: tuple[Any, ...] | None = None
+        # The stage plan: names, exits, and for each stage the stages up to the next exit.
+        n = len(primary.stages)
+        self._stage_names = tuple(f"stage_{i}" for i in range(n))
+        self._exit_name = {s: self.path_names[k] for k, s in enumerate(primary.exit_stages)}
+        self._units: dict[str, Callable[..., Any]] = {}
+        self._segments_cache: dict[tuple[bool, ...], tuple[int, ...]] = {}
+        self._no_exit = [False] * n
+        self._live_cache: tuple[tuple[Any, ...], tuple[bool, ...]] | None = None
+        self._early_exits = [(s, self._exit_name[s]) for s in primary.exit_stages[:-1]]
+        self._head_units = {s: f"head_{s}" for s in primary.exit_stages}
+        self._profiled_units = (*self._stage_names, STUDENT_UNIT)  # predictions: stages, then student
+        self._eager_units()
+        self._sync()
 
     # ------------------------------------------------------------------ public
 
-    def forward(self, x: torch.Tensor) -> FallbackOutput:  # noqa: C901 (one request, end to end)
+    def forward(self, x: torch.Tensor) -> FallbackOutput:
         """Answer a batch of raw inputs ``[B, ...]`` within the policy's budget."""
-        start_ns = self.clock.now_ns()
-        request_id = uuid.uuid4().hex[:16]
+        clock = self.clock
+        start_ns = clock.now_ns()
+        policy = self._sync()
+        budget_ns = int(policy.budget_ms * NS_PER_MS)
+        request_id = f"{self._id_prefix}-{next(self._ids)}"
         x = check_batch(x, self.input_spec)
         b = x.shape[0]
-        state = _RequestState(b, self._default_prediction(), x.device)
+        state = _RequestState(b, start_ns, start_ns + budget_ns)
 
         with torch.inference_mode():
-            bad = bad_samples(x, self.input_spec)
-            if bool(bad.any()):
-                if self.policy.on_invalid_input == "raise":
-                    raise InvalidInputError(describe_bad_samples(x, bad, self.input_spec))
-                state.reasons_for(torch.nonzero(bad).flatten(), R.INVALID_INPUT)
-            todo = torch.nonzero(~bad).flatten()
-            if todo.numel() > 0:
-                to_student = self._run_primary(x, todo, state, start_ns)
-                if to_student.numel() > 0:
-                    self._run_student(x, to_student, state)
+            valid = self._valid_indices(x, state, policy)  # None: every sample is valid
+            n_valid = b if valid is None else int(valid.numel())
+            if n_valid > 0:
+                breaker = self.breaker
+                if breaker is not None and not breaker.try_acquire():
+                    state.set_reason(valid, R.BREAKER_OPEN, b)
+                    outcome = None
+                elif self._should_hedge(policy, state, n_valid):
+                    outcome = self._hedged(x, valid, state, policy)
+                else:
+                    t0 = clock.now_ns()
+                    self._walk_primary(x, valid, state, policy, None)
+                    outcome = state.outcome
+                    state.primary_ms = (clock.now_ns() - t0) / NS_PER_MS
+                if outcome is not None:
+                    self._after_primary(outcome, state.primary_ms, policy)
+                rest = state.unserved(valid, x.device)
+                if rest is not None and rest.numel() > 0:
+                    self._run_student(x, rest, state)
 
-        latency_ms = (self.clock.now_ns() - start_ns) / 1e6
-        out = state.output(latency_ms, request_id)
-        self._record(out, state, start_ns)
+        latency_ms = (clock.now_ns() - start_ns) / NS_PER_MS
+        out = state.output(latency_ms, request_id, self._default_prediction(policy), x.device)
+        self._record(out, state, policy)
         return out
 
+    def warm_up(
+        self,
+        x: torch.Tensor,
+        repeats: int = 20,
+        discard: int = 3,
+        batch_sizes: Sequence[int] | None = None,
+    ) -> dict[str, Any]:
+        """Seed the latency profile (and decide compilation) before serving.
+
+        Times every stage (its head and gate included, as served), the input transform (counted in
+        the first stage) and the student on ``x`` cut or tiled to each batch size, and records the
+        durations in :attr:`profile`. With ``policy.compile == "auto"`` it first times each module
+        eager and compiled (median of ``repeats`` after ``discard`` untimed calls, compilation
+        included in those) and keeps the faster; the decision is in :attr:`compile_report`.
+
+        Args:
+            x: an example raw batch ``[B, ...]`` (valid input).
+            repeats: timed calls per measurement.
+            discard: untimed calls first (lazy initialisation, compilation, caches).
+            batch_sizes: batch sizes to profile; default ``{1, B}``.
+
+        Returns:
+            ``{"compile": compile_report, "latency": profile.summary()}``.
+        """
+        policy = self._sync()
+        x = check_batch(x, self.input_spec)
+        sizes = sorted(set(batch_sizes or (1, x.shape[0])))
+        with torch.inference_mode():
+            if policy.compile == "auto":
+                self._choose_compiled(x, repeats, discard)
+            for bs in sizes:
+                xb = _batch_of(x, bs)
+                for _ in range(discard):
+                    self._timed_segments(xb, record=False)
+                for _ in range(repeats):
+                    self._timed_segments(xb, record=True)
+        return {"compile": dict(self.compile_report), "latency": self.profile.summary()}
+
     def stats(self) -> dict[str, Any]:
-        """Counters since construction: calls, answers by path, fallbacks by reason."""
+        """Counters since construction: calls, answers by path, fallbacks by reason, hedging, breaker."""
         with self._lock:
             total = sum(self.served_counts.values())
             fallbacks = self.served_counts[R.STUDENT] + self.served_counts[R.DEFAULT]
-            return {
+            out: dict[str, Any] = {
                 "calls": self.calls,
                 "answers": total,
                 "served_by": dict(self.served_counts),
                 "reasons": dict(self.reason_counts),
                 "fallback_rate": fallbacks / total if total else 0.0,
+                "sink_errors": self.sink_errors,
             }
+        if self._hedger is not None:
+            out["hedge"] = self._hedger.stats()
+        if self.breaker is not None:
+            out["breaker"] = self.breaker.metrics()
+        return out
 
-    # ------------------------------------------------------------------ stages
+    def set_rollback(self, on: bool = True) -> None:
+        """The rollback switch: ``True`` serves every call by the fallback path (``breaker_open``)."""
+        self.policy = dataclasses.replace(self.policy, rollback=bool(on))
+        self._sync()
 
-    def _elapsed_ms(self, start_ns: int) -> float:
-        return (self.clock.now_ns() - start_ns) / 1e6
+    def close(self) -> None:
+        """Stop the hedging workers (a hung primary's thread is a daemon and is left behind)."""
+        with self._lock:
+            hedger, self._hedger = self._hedger, None
+        if hedger is not None:
+            hedger.close()
 
-    def _run_primary(
-        self, x: torch.Tensor, todo: torch.Tensor, state: "_RequestState", start_ns: int
-    ) -> torch.Tensor:
-        """Walk the stages; return the original indices of samples the student must serve."""
-        primary, budget = self.primary, self.policy.budget_ms
-        exit_pos = {s: i for i, s in enumerate(primary.exit_stages)}
-        active = todo  # original indices of the samples still in the batch
-        to_student: list[torch.Tensor] = []
+    # ------------------------------------------------------------------ policy and units
+
+    def _sync(self) -> Policy:
+        """Apply the policy's breaker, rollback, hedging and compile settings when they changed."""
+        p, clock = self.policy, self.clock
+        key = (id(p), id(clock), id(p.breaker), p.rollback, p.compile, p.hedge_workers)
+        if key == self._synced:
+            return p
+        with self._lock:
+            old = self._synced
+            if self._given_breaker is None:
+                changed = old is None or old[1] != key[1] or old[2] != key[2]
+                if p.breaker is None and not p.rollback:
+                    self.breaker = None
+                elif changed or self.breaker is None:
+                    self.breaker = CircuitBreaker(p.breaker or BreakerConfig(), clock=clock)
+            if self.breaker is not None:
+                if p.rollback:
+                    self.breaker.force_open()
+                elif self.breaker.state == BreakerState.FORCED_OPEN:
+                    self.breaker.reset()
+            hedger = self._hedger
+            if hedger is not None and (hedger.clock is not clock or hedger.max_workers != p.hedge_workers):
+                self._hedger = None
+                hedger.close()
+            if old is None or old[4] != p.compile:
+                self._eager_units()
+                if p.compile == "on":
+                    for name, module in self._modules_by_unit().items():
+                        self._units[name] = self.compile_fn(module)
+                        self.compile_report[name] = {"choice": "compiled"}
+            self._synced = key
+        return p
+
+    def _modules_by_unit(self) -> dict[str, nn.Module]:
+        primary = self.primary
+        units: dict[str, nn.Module] = {TRANSFORM_UNIT: primary.input_transform}
+        for i, stage in enumerate(primary.stages):
+            units[self._stage_names[i]] = stage
+        for s in primary.exit_stages:
+            units[f"head_{s}"] = primary.head(s)
+        units[STUDENT_UNIT] = self.student
+        return units
+
+    def _eager_units(self) -> None:
+        self._units = dict(self._modules_by_unit())
+        self.compile_report = {}
+
+    def _choose_compiled(self, x: torch.Tensor, repeats: int, discard: int) -> None:
+        """``compile="auto"``: time each module eager and compiled on its real input; keep the faster."""
+        inputs = self._unit_inputs(x)
+        for name, module in self._modules_by_unit().items():
+            inp = inputs[name]
+            eager_ms = _median_ms(lambda: module(inp), repeats, discard)
+            try:
+                compiled = self.compile_fn(module)
+                compiled_ms = _median_ms(lambda: compiled(inp), repeats, discard)
+            except Exception as exc:  # a module torch.compile cannot handle stays eager
+                self.compile_report[name] = {"eager_ms": eager_ms, "error": f"{type(exc).__name__}: {exc}"[:200], "choice": "eager"}
+                continue
+            choice = "compiled" if compiled_ms < eager_ms else "eager"
+            self._units[name] = compiled if choice == "compiled" else module
+            self.compile_report[name] = {"eager_ms": eager_ms, "compiled_ms": compiled_ms, "choice": choice}
+
+    def _unit_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        primary = self.primary
+        inputs = {TRANSFORM_UNIT: x, STUDENT_UNIT: x}
+        h = primary.input_transform(x)
+        for i, stage in enumerate(primary.stages):
+            inputs[self._stage_names[i]] = h
+            h = stage(h)
+            if i in self._exit_name:
+                inputs[f"head_{i}"] = h
+        return inputs
+
+    def _timed_segments(self, x: torch.Tensor, record: bool) -> None:
+        """One pass of every segment as served (no exits taken), timed on the model's clock."""
+        clock, units, n = self.clock, self._units, x.shape[0]
+        live = self._live_exits()
+        h = x
+        for i, name in enumerate(self._stage_names):
+            t0 = clock.now_ns()
+            if i == 0:
+                h = units[TRANSFORM_UNIT](h)
+            h = units[name](h)
+            if live[i]:
+                logits = units[self._head_units[i]](h)
+                int(self.gates[self._exit_name[i]](logits)[0].sum())
+            if record:
+                self.profile.record(name, n, (clock.now_ns() - t0) / NS_PER_MS)
+        t0 = clock.now_ns()
+        logits = units[STUDENT_UNIT](x)
+        self.gates[R.STUDENT](logits)
+        if record:
+            self.profile.record(STUDENT_UNIT, n, (clock.now_ns() - t0) / NS_PER_MS)
+
+    # ------------------------------------------------------------------ input
+
+    def _valid_indices(self, x: torch.Tensor, state: _RequestState, policy: Policy) -> torch.Tensor | None:
+        """Indices of the valid samples, ``None`` when all are (the fast path: one reduction)."""
+        spec = self.input_spec
+        if spec is not None and spec.value_range is not None:
+            lo, hi = spec.value_range
+            tol = 1e-3 * (hi - lo)
+            lo_hi = torch.aminmax(x)
+            if lo - tol <= float(lo_hi.min) and float(lo_hi.max) <= hi + tol:  # NaN fails both
+                return None
+        elif bool(torch.isfinite(x).all()):
+            return None
+        bad = bad_samples(x, spec)
+        if not bool(bad.any()):
+            return None
+        if policy.on_invalid_input == "raise":
+            raise InvalidInputError(describe_bad_samples(x, bad, spec))
+        state.set_reason(torch.nonzero(bad).flatten(), R.INVALID_INPUT, x.shape[0])
+        return torch.nonzero(~bad).flatten()
+
+    # ------------------------------------------------------------------ the primary
+
+    def _live_exits(self) -> tuple[bool, ...]:
+        """Per stage: whether an exit after it can serve. The final exit always can; an early exit
+        unless its gate's threshold is +inf (then its head is not even computed)."""
+        modules = self.gates._modules
+        buffers = [getattr(modules[name], "_buffers", {}).get("threshold") for _, name in self._early_exits]
+        key = tuple((id(t), t._version) if t is not None else None for t in buffers)
+        cached = self._live_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        live = self._no_exit[:]
+        for (i, _), threshold in zip(self._early_exits, buffers):
+            live[i] = threshold is None or not math.isinf(threshold.item())
+        live[-1] = True
+        self._live_cache = (key, tuple(live))
+        return self._live_cache[1]
+
+    def _segment_ends(self, live: tuple[bool, ...]) -> tuple[int, ...]:
+        """Per stage ``i``: the stage whose exit ends the segment that starts at ``i`` (admission)."""
+        ends = self._segments_cache.get(live)
+        if ends is None:
+            n = len(live)
+            ends = tuple(next(j for j in range(i, n) if live[j]) for i in range(n))
+            self._segments_cache[live] = ends
+        return ends
+
+    def _predictions(self, state: _RequestState, n: int) -> list[float]:
+        """Predicted p99 (ms) of each stage and, last, of the student, at batch size ``n`` (cached)."""
+        if state.p99_n != n:
+            state.p99 = self.profile.predict_p99_many(self._profiled_units, n)
+            state.p99_n = n
+        return state.p99
+
+    def _walk_primary(
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor | None,
+        state: _RequestState,
+        policy: Policy,
+        cancel: threading.Event | None,
+    ) -> None:
+        """Walk the stages for the samples ``valid`` (original indices; ``None``: all of them).
+
+        Serves what the exits accept and gives every other sample a reason; sets ``state.outcome``.
+        Runs on the calling thread, or on a hedging worker (then ``cancel`` is set at the deadline).
+        """
+        clock, units, profile, gates = self.clock, self._units, self.profile, self.gates._modules
+        live = self._live_exits()
+        ends = self._segment_ends(live)
+        b = x.shape[0]
+        active = valid  # original indices of the samples still in the batch; None: all
+        n = b if active is None else int(active.numel())
+        budget_ms, margin, admission = policy.budget_ms, policy.margin_ms, policy.admission
+        start_ns, deadline_ns = state.start_ns, state.deadline_ns
+        last = len(self._stage_names) - 1
+        timings: list[tuple[str, int, float]] = []
+        h: Any = None
         try:
-            h = primary.input_transform(x[active])
-            for stage_index, stage in enumerate(primary.stages):
-                if stage_index > 0 and self._elapsed_ms(start_ns) > budget:
-                    state.reasons_for(active, R.DEADLINE_EXCEEDED)
-                    to_student.append(active)
-                    return torch.cat(to_student)
-                t0 = self.clock.now_ns()
-                h = stage(h)
-                state.stage_ms.append((self.clock.now_ns() - t0) / 1e6)
-                if stage_index not in exit_pos:
+            for i, name in enumerate(self._stage_names):
+                now = clock.now_ns()
+                if now > deadline_ns or (cancel is not None and cancel.is_set()):
+                    state.set_reason(active, R.DEADLINE_EXCEEDED, b)
+                    state.outcome = _EXCEEDED
+                    return
+                if admission:
+                    p99 = self._predictions(state, n)
+                    predicted = sum(p99[i : ends[i] + 1]) + p99[-1] + margin
+                    if (now - start_ns) / NS_PER_MS + predicted > budget_ms:
+                        state.set_reason(active, R.DEADLINE_PREDICTED, b)
+                        state.outcome = _PREDICTED
+                        return
+                if i == 0:
+                    h = units[TRANSFORM_UNIT](x if active is None else x[active])
+                h = units[name](h)
+                if not isinstance(h, torch.Tensor) or h.dim() == 0 or h.shape[0] != n:
+                    shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+                    raise ValueError(f"{name} returned {shape}; expected a batch of {n} samples")
+                if not live[i]:
+                    ms = (clock.now_ns() - now) / NS_PER_MS
+                    timings.append((name, n, ms))
+                    state.stage_ms.append(ms)
                     continue
-                k = exit_pos[stage_index]
-                name = self.path_names[k]
-                logits = primary.head(stage_index)(h)
-                _check_logits(logits, h.shape[0], name)
+                exit_name = self._exit_name[i]
+                logits = units[self._head_units[i]](h)
+                _check_logits(logits, n, exit_name)
                 state.num_classes = logits.shape[1]
-                finite = torch.isfinite(logits).all(dim=1)
-                accept, conf = self.gates[name](logits)
-                accept &= finite
-                is_last = k == primary.num_exits - 1
-                if is_last and self._elapsed_ms(start_ns) > budget:
-                    # The primary answered, but too late: it does not serve.
-                    state.reasons_for(active, R.DEADLINE_EXCEEDED)
-                    to_student.append(active)
-                    return torch.cat(to_student)
-                if bool(accept.any()):
-                    state.serve(active[accept], name, logits[accept], conf[accept])
-                nonfinite = ~finite
+                # The gate's confidence is NaN exactly on rows with a non-finite logit, never accepted.
+                accept, conf = gates[exit_name](logits)
+                n_accept = int(accept.sum())
+                done_ns = clock.now_ns()
+                timings.append((name, n, (done_ns - now) / NS_PER_MS))
+                state.stage_ms.append((done_ns - now) / NS_PER_MS)
+                if done_ns > deadline_ns:  # this exit answered too late: it does not serve
+                    state.set_reason(active, R.DEADLINE_EXCEEDED, b)
+                    state.outcome = _EXCEEDED
+                    return
+                if n_accept == n:
+                    state.serve(active, None, exit_name, logits, conf, b)
+                    break
+                if n_accept:
+                    if not state.serve(active, accept, exit_name, logits, conf, b):
+                        return  # frozen: the caller has answered at the deadline
+                nonfinite = torch.isnan(conf)
                 if bool(nonfinite.any()):
-                    state.reasons_for(active[nonfinite], R.NONFINITE_OUTPUT)
-                    to_student.append(active[nonfinite])
-                keep = ~accept & finite
-                if is_last:
-                    rejected = active[keep]
-                    state.reasons_for(rejected, R.LOW_CONFIDENCE)
-                    to_student.append(rejected)
-                    active = active[:0]
+                    state.set_reason(_select(active, nonfinite), R.NONFINITE_OUTPUT, b)
+                    state.outcome = _NONFINITE
+                    keep = ~accept & ~nonfinite
+                elif n_accept:
+                    keep = ~accept
+                else:
+                    keep = None  # nobody left the batch: no compaction
+                if i == last:
+                    rejected = active if keep is None else _select(active, keep)
+                    state.set_reason(rejected, R.LOW_CONFIDENCE, b)
                     break
-                active, h = active[keep], h[keep]
-                if active.numel() == 0:
-                    break
+                if keep is not None:
+                    active = _select(active, keep)
+                    n = int(active.numel())
+                    if n == 0:
+                        break
+                    h = h[keep]
+            if state.outcome is None:
+                state.outcome = _OK
         except Exception as exc:  # a fault in the primary gets a fallback and a record
-            state.reasons_for(active, R.PRIMARY_ERROR)
-            state.detail = f"{type(exc).__name__}: {exc}"[:200]
-            to_student.append(active)
-        return torch.cat(to_student) if to_student else todo[:0]
+            state.set_reason(active, R.PRIMARY_ERROR, b)
+            state.add_detail(f"{type(exc).__name__}: {exc}"[:200])
+            state.outcome = _ERROR
+        finally:  # late stages of a timed-out walk are recorded too: the profile learns the stall
+            profile.record_many(timings)
 
-    def _run_student(self, x: torch.Tensor, idx: torch.Tensor, state: "_RequestState") -> None:
+    def _should_hedge(self, policy: Policy, state: _RequestState, n: int) -> bool:
+        mode = policy.hedge
+        if mode == "off":
+            return False
+        if mode == "always":
+            return True
+        with self._lock:
+            if self._hedge_calls_left > 0:
+                self._hedge_calls_left -= 1
+                return True
+        predicted = sum(self._predictions(state, n)) + policy.margin_ms
+        return policy.budget_ms - predicted < policy.effective_hedge_slack_ms
+
+    def _get_hedger(self, policy: Policy, device: torch.device) -> Hedger:
+        with self._lock:
+            if self._hedger is None:
+                self._hedger = Hedger(
+                    max_workers=policy.hedge_workers,
+                    clock=self.clock,
+                    name="fallbackformer-primary",
+                    cuda_streams=device.type == "cuda",
+                )
+                weakref.finalize(self, Hedger.close, self._hedger)
+            return self._hedger
+
+    def _hedged(self, x: torch.Tensor, valid: torch.Tensor | None, state: _RequestState, policy: Policy) -> str:
+        """Run the primary on a worker and have the student ready by the deadline; return the outcome."""
+        clock = self.clock
+        b = x.shape[0]
+        n = b if valid is None else int(valid.numel())
+        if policy.hedge_student_start == "immediate" or self.profile.count(STUDENT_UNIT) == 0:
+            student_at = clock.now_ns()  # (the student's time is unknown before it ever ran)
+        else:  # the latest start that still leaves the student its p99 and the margin
+            student_ms = self._predictions(state, n)[-1] + policy.margin_ms
+            student_at = state.deadline_ns - int(student_ms * NS_PER_MS)
+        state.shared = True
+        cancel = threading.Event()
+        t0 = clock.now_ns()
+        ticket = self._get_hedger(policy, x.device).submit(self._walk_primary, x, valid, state, policy, cancel)
+        if ticket is None:  # every worker is still busy with earlier calls: fall back at once
+            state.set_reason(valid, R.DEADLINE_PREDICTED, b, caller=True)
+            state.add_detail("hedge workers busy")
+            state.primary_ms = (clock.now_ns() - t0) / NS_PER_MS
+            return _BUSY
+        if ticket.wait(student_at).status != HedgeStatus.TIMEOUT:
+            state.primary_ms = (clock.now_ns() - t0) / NS_PER_MS
+            return state.outcome or _OK  # the caller serves the rest with the student
+        # The primary is not done: compute the student now for everything not served yet.
+        candidates = state.unserved(valid, x.device)
+        student = self._student_answer(x, candidates, state) if candidates is not None else None
+        result = ticket.wait(state.deadline_ns)
+        state.freeze()
+        if result.status == HedgeStatus.TIMEOUT:
+            cancel.set()
+            ticket.cancel()
+            hedger = self._hedger
+            if hedger is not None:
+                hedger.note_timeout()
+            state.set_reason(state.unserved(valid, x.device), R.DEADLINE_EXCEEDED, b, caller=True, only_unset=True)
+            outcome = _TIMEOUT
+        else:
+            outcome = state.outcome or _OK
+        state.primary_ms = (clock.now_ns() - t0) / NS_PER_MS
+        if student is not None:
+            idx, logits, accept, conf = student
+            still = state.unserved_mask(idx).to(accept.device)  # [k]: the primary did not serve them since
+            state.serve_student(idx, logits, still & accept, conf, b)
+        state.student_done = True
+        return outcome
+
+    def _after_primary(self, outcome: str, duration_ms: float, policy: Policy) -> None:
+        """Report the primary's outcome to the breaker and the stall detector."""
+        if self.breaker is not None:
+            if outcome in _FAILURES:
+                self.breaker.on_error(duration_ms)
+            else:
+                self.breaker.on_success(duration_ms)
+        if outcome in _STALLS and policy.hedge == "auto":
+            with self._lock:
+                self._hedge_calls_left = policy.hedge_after_stall_calls
+
+    # ------------------------------------------------------------------ the student
+
+    def _student_answer(
+        self, x: torch.Tensor, idx: torch.Tensor, state: _RequestState
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The student's ``(idx, logits, accept, confidence)`` on samples ``idx``, ``None`` if it failed."""
+        clock = self.clock
+        n = int(idx.numel())
+        t0 = clock.now_ns()
         try:
-            logits = self.student(x[idx])
-            _check_logits(logits, idx.numel(), R.STUDENT)
+            xs = x if n == x.shape[0] else x[idx]
+            logits = self._units[STUDENT_UNIT](xs)
+            _check_logits(logits, n, R.STUDENT)
             state.num_classes = logits.shape[1]
         except Exception as exc:
-            state.detail = (state.detail + "; " if state.detail else "") + f"student {type(exc).__name__}: {exc}"[:200]
-            return  # the default (already in place) serves
-        finite = torch.isfinite(logits).all(dim=1)
-        accept, conf = self.gates[R.STUDENT](logits)
-        accept &= finite
-        if bool(accept.any()):
-            state.serve(idx[accept], R.STUDENT, logits[accept], conf[accept])
+            state.add_detail(f"student {type(exc).__name__}: {exc}"[:200])
+            return None  # the default (already in place) serves
+        accept, conf = self.gates[R.STUDENT](logits)  # never accepts a row with a non-finite logit
+        self.profile.record(STUDENT_UNIT, n, (clock.now_ns() - t0) / NS_PER_MS)
+        return idx, logits, accept, conf
+
+    def _run_student(self, x: torch.Tensor, idx: torch.Tensor, state: _RequestState) -> None:
+        if state.student_done:
+            return
+        answer = self._student_answer(x, idx, state)
+        if answer is not None:
+            state.serve_student(*answer, x.shape[0])
 
     # ------------------------------------------------------------------ records
 
-    def _default_prediction(self) -> int:
-        return -1 if self.policy.default_class is None else int(self.policy.default_class)
+    def _default_prediction(self, policy: Policy) -> int:
+        return -1 if policy.default_class is None else int(policy.default_class)
 
-    def _record(self, out: FallbackOutput, state: "_RequestState", start_ns: int) -> None:
+    def _record(self, out: FallbackOutput, state: _RequestState, policy: Policy) -> None:
+        served_by, reasons = out.served_by, out.reason
         with self._lock:
             self.calls += 1
-            self.served_counts.update(out.served_by)
-            self.reason_counts.update(r for r in out.reason if r)
+            if served_by[0] == served_by[-1] and len(set(served_by)) == 1:
+                self.served_counts[served_by[0]] += len(served_by)
+            else:
+                self.served_counts.update(served_by)
+            if reasons[0] or reasons[-1] or len(set(reasons)) > 1:
+                self.reason_counts.update(r for r in reasons if r)
         if not self.sinks:
             return
         now = time.time()
+        stage_ms = state.stage_ms_snapshot()
         for i, (who, why) in enumerate(zip(out.served_by, out.reason)):
             if who == R.PRIMARY:
                 continue
@@ -223,57 +649,211 @@ class FallbackModel(nn.Module):
                 time_unix=now,
                 served_by=who,
                 reason=why,
-                budget_ms=self.policy.budget_ms,
+                budget_ms=policy.budget_ms,
                 elapsed_ms=out.latency_ms,
-                stage_ms=list(state.stage_ms),
+                stage_ms=list(stage_ms),
                 confidence=None if c != c else c,
                 model_hashes=dict(self.model_hashes),
                 detail=state.detail,
             )
             for sink in self.sinks:
-                sink.emit(event)
+                try:
+                    sink.emit(event)
+                except Exception:  # a broken sink must not break serving; it is counted
+                    with self._lock:
+                        self.sink_errors += 1
 
 
 class _RequestState:
-    """Per-call bookkeeping, per sample, in the original order."""
+    """Per-call bookkeeping, per sample, in the original order.
 
-    def __init__(self, b: int, default_prediction: int, device: torch.device) -> None:
-        self.prediction = torch.full((b,), default_prediction, dtype=torch.long, device=device)
-        self.confidence = torch.full((b,), float("nan"), device=device)
-        self.served_by = [R.DEFAULT] * b
-        self.reason = [""] * b
-        self.logits: torch.Tensor | None = None
-        self.num_classes = 0
+    Shared between the caller and a hedging worker in a hedged call (``shared``): every write then
+    holds the lock, and after :meth:`freeze` (the caller answered at the deadline) the worker's
+    writes are ignored.
+    """
+
+    def __init__(self, b: int, start_ns: int, deadline_ns: int) -> None:
         self.b = b
-        self.stage_ms: list[float] = []
+        self.start_ns = start_ns
+        self.deadline_ns = deadline_ns
+        self.served_by: list[str | None] = [None] * b
+        self.n_served = 0
+        self.reason = [""] * b
+        self.parts: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []  # (idx, logits, conf)
+        self.stage_ms: list[float] = []  # appended by the thread walking the primary only
         self.detail = ""
+        self.outcome: str | None = None
+        self.num_classes = 0
+        self.p99: list[float] = []  # predicted p99 per stage and the student, at batch size p99_n
+        self.p99_n = -1
+        self.primary_ms = 0.0
+        self.shared = False
+        self.frozen = False
+        self.student_done = False
+        self.lock = threading.Lock()
 
-    def serve(self, idx: torch.Tensor, name: str, logits: torch.Tensor, conf: torch.Tensor) -> None:
-        if self.logits is None:
-            self.logits = torch.full((self.b, logits.shape[1]), float("nan"), device=logits.device)
-        self.logits[idx] = logits.float()
-        self.prediction[idx] = logits.argmax(dim=1)
-        self.confidence[idx] = conf.float()
-        for i in idx.tolist():
-            self.served_by[i] = name
+    # -- writes (the worker's are ignored once frozen) ----------------------------------------
+    def freeze(self) -> None:
+        with self.lock:
+            self.frozen = True
 
-    def reasons_for(self, idx: torch.Tensor, reason: str) -> None:
-        for i in idx.tolist():
-            self.reason[i] = reason
+    def add_detail(self, text: str) -> None:
+        with self.lock:
+            self.detail = f"{self.detail}; {text}" if self.detail else text
 
-    def output(self, latency_ms: float, request_id: str) -> FallbackOutput:
-        logits = self.logits
-        if logits is None:
-            logits = torch.full((self.b, self.num_classes), float("nan"), device=self.prediction.device)
+    def set_reason(
+        self,
+        idx: torch.Tensor | None,
+        reason: str,
+        b: int,
+        caller: bool = False,
+        only_unset: bool = False,
+    ) -> None:
+        """Give ``reason`` to samples ``idx`` (original indices; ``None``: all).
+
+        Args:
+            caller: the calling thread's own write (a worker's writes stop at the freeze).
+            only_unset: keep the reason of samples that already have one.
+        """
+        if idx is not None and idx.numel() == 0:
+            return
+        with self.lock:
+            if self.frozen and not caller:
+                return
+            rows = range(b) if idx is None else idx.tolist()
+            for i in rows:
+                if not (only_unset and self.reason[i]):
+                    self.reason[i] = reason
+
+    def serve(
+        self,
+        active: torch.Tensor | None,
+        accept: torch.Tensor | None,
+        name: str,
+        logits: torch.Tensor,
+        conf: torch.Tensor,
+        b: int,
+    ) -> bool:
+        """Serve the accepted rows (``accept`` over ``active``; ``None``: all rows) by ``name``.
+
+        Returns ``False`` (and serves nothing) when the call was already answered.
+        """
+        if accept is not None:
+            rows = torch.nonzero(accept).flatten()
+            idx = rows if active is None else active[rows]
+            logits, conf = logits[rows], conf[rows]
+        else:
+            idx = active
+        with self.lock:
+            if self.frozen:
+                return False
+            self.parts.append((idx, logits, conf))
+            if idx is None:
+                self.served_by = [name] * b
+                self.n_served = b
+            else:
+                for i in idx.tolist():
+                    self.served_by[i] = name
+                self.n_served += int(idx.numel())
+        return True
+
+    def serve_student(
+        self, idx: torch.Tensor, logits: torch.Tensor, accept: torch.Tensor, conf: torch.Tensor, b: int
+    ) -> None:
+        """Serve the student's accepted rows (the caller's own write: never blocked by the freeze)."""
+        rows = torch.nonzero(accept).flatten()
+        if rows.numel() == 0:
+            return
+        chosen = idx[rows.to(idx.device)]
+        with self.lock:
+            self.parts.append((chosen, logits[rows], conf[rows]))
+            for i in chosen.tolist():
+                self.served_by[i] = R.STUDENT
+            self.n_served += int(chosen.numel())
+
+    # -- reads ---------------------------------------------------------------------------------
+    def unserved(self, valid: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """Valid samples nobody served yet (original indices on ``device``), ``None`` when none."""
+        with self.lock:
+            if self.n_served == self.b:
+                return None
+            served = self.served_by
+            if valid is None:
+                rows = [i for i, s in enumerate(served) if s is None]
+            else:
+                rows = [i for i in valid.tolist() if served[i] is None]
+        return torch.tensor(rows, dtype=torch.long, device=device) if rows else None
+
+    def unserved_mask(self, idx: torch.Tensor) -> torch.Tensor:
+        """BoolTensor over ``idx``: still unserved."""
+        with self.lock:
+            flags = [self.served_by[i] is None for i in idx.tolist()]
+        return torch.tensor(flags, dtype=torch.bool, device=idx.device)
+
+    def stage_ms_snapshot(self) -> list[float]:
+        return list(self.stage_ms)  # a list copy is atomic under the GIL
+
+    def output(self, latency_ms: float, request_id: str, default_prediction: int, device: torch.device) -> FallbackOutput:
+        with self.lock:
+            self.frozen = True
+            parts = list(self.parts)
+            served_by = [s if s is not None else R.DEFAULT for s in self.served_by]
+            reason = list(self.reason)
+        b = self.b
+        if len(parts) == 1 and parts[0][0] is None:  # one path served the whole batch
+            _, logits, conf = parts[0]
+            logits = logits.float()
+            prediction = logits.argmax(dim=1)
+            confidence = conf.float()
+        else:
+            num_classes = parts[0][1].shape[1] if parts else self.num_classes
+            prediction = torch.full((b,), default_prediction, dtype=torch.long, device=device)
+            confidence = torch.full((b,), float("nan"), device=device)
+            logits = torch.full((b, num_classes), float("nan"), device=device)
+            for idx, lg, cf in parts:
+                target = slice(None) if idx is None else idx.to(device)
+                logits[target] = lg.float()
+                prediction[target] = lg.argmax(dim=1)
+                confidence[target] = cf.float()
         return FallbackOutput(
-            prediction=self.prediction,
-            served_by=self.served_by,
-            reason=self.reason,
-            confidence=self.confidence,
+            prediction=prediction,
+            served_by=served_by,
+            reason=reason,
+            confidence=confidence,
             latency_ms=latency_ms,
             logits=logits,
             request_id=request_id,
         )
+
+
+def _select(active: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """Original indices of the rows ``mask`` selects (``active`` ``None``: rows are the indices)."""
+    rows = torch.nonzero(mask).flatten()
+    return rows if active is None else active[rows]
+
+
+def _batch_of(x: torch.Tensor, bs: int) -> torch.Tensor:
+    """``x`` cut or tiled to ``bs`` samples."""
+    if x.shape[0] >= bs:
+        return x[:bs]
+    reps = -(-bs // x.shape[0])
+    return x.repeat(reps, *([1] * (x.dim() - 1)))[:bs]
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, discard: int) -> float:
+    for _ in range(discard):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        fn()
+        samples.append((time.perf_counter_ns() - t0) / NS_PER_MS)
+    return statistics.median(samples)
+
+
+def _torch_compile(module: nn.Module) -> Callable[..., Any]:
+    """``torch.compile`` with dynamic batch sizes (compaction changes them every call)."""
+    return torch.compile(module, dynamic=True)
 
 
 def _check_logits(logits: Any, n: int, name: str) -> None:

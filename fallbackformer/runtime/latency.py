@@ -4,10 +4,10 @@ Every stage of the primary (and the student) records its measured time here; bef
 the runtime asks :meth:`LatencyProfile.predict_p99` whether it still fits the remaining budget.
 
 Memory is bounded: each (stage, bucket) keeps a ring buffer of its ``window`` most recent samples, so
-the quantiles follow drift (a slower machine, a noisy neighbour) within ``window`` calls. Quantiles are
-exact on the window (nearest rank, rounding up: conservative for a tail) and cached; the cache is
-recomputed every ``refresh_every`` new samples, so reading a prediction in the hot path costs a dict
-lookup. Batch sizes are bucketed to the next power of two (1, 2, 4, 8, ...).
+the quantiles follow drift (a slower machine, a noisy neighbour) within ``window`` calls. Beside the
+ring it keeps the same samples sorted (one ``bisect`` removal and insertion per record), so quantiles
+are exact on the window (nearest rank, rounding up: conservative for a tail) and reading one in the hot
+path is an index into a list. Batch sizes are bucketed to the next power of two (1, 2, 4, 8, ...).
 
 A profile can be saved in a bundle manifest (:meth:`to_dict`): the per-bucket summaries (and, if
 asked, the samples) come back as *priors* that serve predictions until enough live samples arrived.
@@ -23,9 +23,10 @@ asked, the samples) come back as *priors* that serve predictions until enough li
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,27 +66,21 @@ def nearest_rank(sorted_values: list[float], q: float) -> float:
 class _Bucket:
     window: int
     samples: list[float] = field(default_factory=list)  # ring buffer
+    ordered: list[float] = field(default_factory=list)  # the same samples, sorted
     head: int = 0
     total: int = 0
-    since_refresh: int = 0
-    cached: dict[float, float] | None = None  # q -> value, on the current window
     prior: dict[str, float] | None = None  # {"p50", "p99", "count"} from a manifest
 
     def add(self, ms: float) -> None:
         if len(self.samples) < self.window:
             self.samples.append(ms)
         else:
+            old = self.samples[self.head]
+            del self.ordered[bisect.bisect_left(self.ordered, old)]
             self.samples[self.head] = ms
             self.head = (self.head + 1) % self.window
+        bisect.insort(self.ordered, ms)
         self.total += 1
-        self.since_refresh += 1
-
-    def live_quantiles(self, refresh_every: int) -> dict[float, float]:
-        if self.cached is None or self.since_refresh >= refresh_every:
-            s = sorted(self.samples)
-            self.cached = {q: nearest_rank(s, q) for q in (0.5, 0.99)}
-            self.since_refresh = 0
-        return self.cached
 
     def recent(self) -> list[float]:
         """Samples oldest first."""
@@ -99,19 +94,15 @@ class LatencyProfile:
         window: recent samples kept per (stage, bucket).
         min_samples: live samples a bucket needs before its own quantiles are trusted; below it a
             prior (from :meth:`from_dict`) or a neighbouring bucket answers.
-        refresh_every: new samples between recomputations of a bucket's cached quantiles.
     """
 
-    def __init__(self, window: int = 512, min_samples: int = 8, refresh_every: int = 16) -> None:
+    def __init__(self, window: int = 512, min_samples: int = 8) -> None:
         if window < 1:
             raise ValueError(f"LatencyProfile window must be >= 1; got {window!r}")
         if min_samples < 1 or min_samples > window:
             raise ValueError(f"LatencyProfile min_samples must be in [1, window={window}]; got {min_samples!r}")
-        if refresh_every < 1:
-            raise ValueError(f"LatencyProfile refresh_every must be >= 1; got {refresh_every!r}")
         self.window = int(window)
         self.min_samples = int(min_samples)
-        self.refresh_every = int(refresh_every)
         self._lock = threading.Lock()
         self._buckets: dict[str, dict[int, _Bucket]] = {}
 
@@ -132,6 +123,22 @@ class LatencyProfile:
                 bucket = stage_buckets[b] = _Bucket(self.window)
             bucket.add(ms)
 
+    def record_many(self, samples: Sequence[tuple[str, int, float]]) -> None:
+        """Record several ``(stage, batch_size, ms)`` measurements under one lock."""
+        if not samples:
+            return
+        for stage, _, ms in samples:
+            if not (ms >= 0.0 and ms < math.inf):
+                raise ValueError(f"latency of stage {stage!r} must be a finite number >= 0 ms; got {ms!r}")
+        with self._lock:
+            for stage, batch_size, ms in samples:
+                b = 1 << (batch_size - 1).bit_length() if batch_size > 0 else batch_bucket(batch_size)
+                stage_buckets = self._buckets.setdefault(stage, {})
+                bucket = stage_buckets.get(b)
+                if bucket is None:
+                    bucket = stage_buckets[b] = _Bucket(self.window)
+                bucket.add(float(ms))
+
     def reset(self, stage: str | None = None) -> None:
         """Forget every sample (and prior) of ``stage``, or of all stages."""
         with self._lock:
@@ -143,10 +150,8 @@ class LatencyProfile:
     # -- reading -----------------------------------------------------------------------------
     def _own(self, bucket: _Bucket, q: float) -> float | None:
         """The bucket's own estimate of quantile ``q``: live if it has enough samples, else its prior."""
-        if len(bucket.samples) >= self.min_samples:
-            if q in (0.5, 0.99):
-                return bucket.live_quantiles(self.refresh_every)[q]
-            return nearest_rank(sorted(bucket.samples), q)
+        if len(bucket.ordered) >= self.min_samples:
+            return nearest_rank(bucket.ordered, q)
         if bucket.prior is not None and q in (0.5, 0.99):
             return bucket.prior["p50" if q == 0.5 else "p99"]
         return None
@@ -175,25 +180,49 @@ class LatencyProfile:
         """
         b = batch_bucket(batch_size)
         with self._lock:
-            stage_buckets = self._buckets.get(stage)
-            if not stage_buckets:
-                return default
-            bucket = stage_buckets.get(b)
-            if bucket is not None:
-                own = self._own(bucket, 0.99)
-                if own is not None:
-                    return own
-            larger = sorted(k for k in stage_buckets if k > b)
-            for k in larger:
-                est = self._own(stage_buckets[k], 0.99)
-                if est is not None:
-                    return est
-            smaller = sorted((k for k in stage_buckets if k < b), reverse=True)
-            for k in smaller:
-                est = self._own(stage_buckets[k], 0.99)
-                if est is not None:
-                    return est * (b / k)
+            return self._predict_locked(stage, b, default)
+
+    def predict_p99_many(self, stages: Sequence[str], batch_size: int, default: float = 0.0) -> list[float]:
+        """:meth:`predict_p99` of each of ``stages`` under one lock (the admission check's hot path)."""
+        b = batch_bucket(batch_size)
+        with self._lock:
+            return [self._predict_locked(s, b, default) for s in stages]
+
+    def predict_p99_sum(self, stages: Sequence[str], batch_size: int, default: float = 0.0) -> float:
+        """Sum of :meth:`predict_p99` over ``stages`` (one lock).
+
+        For stages whose slow calls come together (a slow machine slows every stage) this is the p99
+        of the sum; for independent stages it is usually above it. Quantiles are not subadditive in
+        general, so rare independent stalls can make the sum's p99 larger: the hard deadline
+        (hedging) is what bounds those.
+        """
+        b = batch_bucket(batch_size)
+        with self._lock:
+            return sum(self._predict_locked(s, b, default) for s in stages)
+
+    def _predict_locked(self, stage: str, b: int, default: float) -> float:
+        stage_buckets = self._buckets.get(stage)
+        if not stage_buckets:
             return default
+        bucket = stage_buckets.get(b)
+        if bucket is not None:
+            ordered = bucket.ordered
+            if len(ordered) >= self.min_samples:  # the common case, inlined
+                return ordered[max(1, math.ceil(0.99 * len(ordered))) - 1]
+            own = self._own(bucket, 0.99)
+            if own is not None:
+                return own
+        larger = sorted(k for k in stage_buckets if k > b)
+        for k in larger:
+            est = self._own(stage_buckets[k], 0.99)
+            if est is not None:
+                return est
+        smaller = sorted((k for k in stage_buckets if k < b), reverse=True)
+        for k in smaller:
+            est = self._own(stage_buckets[k], 0.99)
+            if est is not None:
+                return est * (b / k)
+        return default
 
     def count(self, stage: str, batch_size: int | None = None) -> int:
         """Samples ever recorded for ``stage`` (in the bucket of ``batch_size`` when given)."""
@@ -218,7 +247,7 @@ class LatencyProfile:
                     p50, p99 = self._own(bucket, 0.5), self._own(bucket, 0.99)
                     if p50 is None or p99 is None:
                         continue
-                    count = bucket.total if len(bucket.samples) >= self.min_samples else bucket.prior["count"]  # type: ignore[index]
+                    count = bucket.total if len(bucket.ordered) >= self.min_samples else bucket.prior["count"]  # type: ignore[index]
                     out.setdefault(stage, {})[b] = {"p50": p50, "p99": p99, "count": float(count)}
         return out
 
@@ -251,7 +280,6 @@ class LatencyProfile:
             "format_version": FORMAT_VERSION,
             "window": self.window,
             "min_samples": self.min_samples,
-            "refresh_every": self.refresh_every,
             "stages": stages,
         }
 
@@ -267,7 +295,6 @@ class LatencyProfile:
         profile = cls(
             window=int(data.get("window", 512)),
             min_samples=int(data.get("min_samples", 8)),
-            refresh_every=int(data.get("refresh_every", 16)),
         )
         for stage, buckets in dict(data.get("stages", {})).items():
             for key, entry in buckets.items():

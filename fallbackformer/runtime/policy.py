@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from fallbackformer.runtime.breaker import BreakerConfig
+
 INVALID_INPUT_ACTIONS = ("raise", "default")
+HEDGE_MODES = ("off", "auto", "always")
+HEDGE_STARTS = ("deferred", "immediate")
+COMPILE_MODES = ("off", "on", "auto")
 
 
 @dataclass
@@ -18,12 +24,49 @@ class Policy:
         on_invalid_input: ``"raise"`` a clear error, or serve the safe ``"default"`` with reason
             ``invalid_input`` for the bad samples only.
         margin_ms: safety margin kept free for the fallback path when checking the deadline.
+        admission: before each stage, skip it (reason ``deadline_predicted``) when the elapsed time
+            plus the predicted p99 of the stages up to the next exit, the student's p99 and the margin
+            would overrun the budget. Predictions come from the model's latency profile (seed it with
+            ``FallbackModel.warm_up``); a path without measurements is predicted at 0 ms.
+        hedge: the hard deadline. ``"off"``: the primary runs on the calling thread (deadline checks
+            between stages only; a hang holds the call). ``"always"``: the primary runs on a worker
+            thread and the call returns by the deadline whatever it does (costs a thread hand-off,
+            about 30 us on a CPU). ``"auto"``: inline while the predicted slack is comfortable and the
+            primary has not stalled recently, hedged otherwise (so the first stall after a calm period
+            is not bounded; use ``"always"`` where a hang must never hold a call).
+        hedge_slack_ms: ``"auto"`` hedges when budget minus the predicted p99 of the whole primary,
+            the student and the margin is below this; ``None`` means a quarter of the budget.
+        hedge_after_stall_calls: ``"auto"`` hedges this many calls after the primary missed a deadline.
+        hedge_student_start: in a hedged call, ``"deferred"`` starts the student only when waiting
+            longer for the primary would leave it no time (deadline - student p99 - margin), so it runs
+            only when needed (at once while the student has never been timed); ``"immediate"`` starts
+            it at once, beside the primary.
+        hedge_workers: primaries that may run at once on workers; when all are busy (stuck), a call
+            does not queue behind them: it falls back at once (reason ``deadline_predicted``).
+        breaker: a :class:`~fallbackformer.runtime.breaker.BreakerConfig` (or its dict) to put a
+            circuit breaker in front of the primary (reason ``breaker_open``); ``None`` for none.
+        rollback: the rollback switch: the breaker is forced open and every call is served by the
+            fallback path (reason ``breaker_open``).
+        compile: ``"off"``: eager; ``"on"``: ``torch.compile`` each stage, head and the student
+            (compiled on first use: call ``FallbackModel.warm_up`` before serving); ``"auto"``:
+            ``warm_up`` times eager against compiled per module and keeps the faster.
+        latency_window: recent samples per stage and batch bucket kept by the latency profile.
     """
 
     budget_ms: float = 50.0
     default_class: int | None = None
     on_invalid_input: str = "raise"
     margin_ms: float = 0.5
+    admission: bool = True
+    hedge: str = "auto"
+    hedge_slack_ms: float | None = None
+    hedge_after_stall_calls: int = 100
+    hedge_student_start: str = "deferred"
+    hedge_workers: int = 2
+    breaker: BreakerConfig | None = None
+    rollback: bool = False
+    compile: str = "off"
+    latency_window: int = 512
 
     def __post_init__(self) -> None:
         if not self.budget_ms > 0:
@@ -38,6 +81,31 @@ class Policy:
             raise ValueError(
                 f"Policy.default_class={self.default_class!r}; use a class index >= 0, or None to abstain"
             )
+        for name, allowed in (
+            ("hedge", HEDGE_MODES),
+            ("hedge_student_start", HEDGE_STARTS),
+            ("compile", COMPILE_MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Policy.{name}={getattr(self, name)!r}; use one of {allowed}")
+        if self.hedge_slack_ms is not None and not self.hedge_slack_ms >= 0:
+            raise ValueError(f"Policy.hedge_slack_ms must be >= 0 or None; got {self.hedge_slack_ms!r}")
+        for name in ("hedge_after_stall_calls", "hedge_workers", "latency_window"):
+            v = getattr(self, name)
+            minimum = 0 if name == "hedge_after_stall_calls" else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise ValueError(f"Policy.{name} must be an int >= {minimum}; got {v!r}")
+        if isinstance(self.breaker, Mapping):  # from a manifest or a Hydra config
+            self.breaker = BreakerConfig.from_dict(dict(self.breaker))
+        if self.breaker is not None and not isinstance(self.breaker, BreakerConfig):
+            raise ValueError(
+                f"Policy.breaker must be a BreakerConfig, its dict, or None; got {type(self.breaker).__name__}"
+            )
+
+    @property
+    def effective_hedge_slack_ms(self) -> float:
+        """The slack below which ``hedge="auto"`` hedges."""
+        return 0.25 * self.budget_ms if self.hedge_slack_ms is None else float(self.hedge_slack_ms)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,7 +33,7 @@ def test_nearest_rank_matches_numpy_inverted_cdf(values: list[float], q: float) 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(durations, min_size=1, max_size=200), st.integers(min_value=1, max_value=64))
 def test_quantiles_are_exact_over_the_recent_window(values: list[float], window: int) -> None:
-    profile = LatencyProfile(window=window, min_samples=1, refresh_every=1)
+    profile = LatencyProfile(window=window, min_samples=1)
     for v in values:
         profile.record("s", 1, v)
     recent = np.asarray(values[-window:])
@@ -47,19 +47,20 @@ def test_memory_is_bounded_by_the_window() -> None:
     for i in range(10_000):
         profile.record("s", 7, float(i))
     bucket = profile._buckets["s"][8]
-    assert len(bucket.samples) == 32
+    assert len(bucket.samples) == len(bucket.ordered) == 32
     assert bucket.recent() == [float(i) for i in range(10_000 - 32, 10_000)]
+    assert bucket.ordered == sorted(bucket.recent())
 
 
-def test_cached_quantiles_refresh_every_n_samples() -> None:
-    profile = LatencyProfile(window=100, min_samples=1, refresh_every=4)
-    profile.record("s", 1, 1.0)
+def test_quantiles_follow_every_new_sample() -> None:
+    profile = LatencyProfile(window=3, min_samples=1)
+    for ms in (1.0, 1.0, 1.0):
+        profile.record("s", 1, ms)
     assert profile.p99("s", 1) == 1.0
-    for _ in range(3):
-        profile.record("s", 1, 9.0)
-    assert profile.p99("s", 1) == 1.0  # three new samples: the cache stands
-    profile.record("s", 1, 9.0)
-    assert profile.p99("s", 1) == 9.0
+    profile.record("s", 1, 9.0)  # evicts a 1.0
+    assert profile.p99("s", 1) == 9.0 and profile.p50("s", 1) == 1.0
+    assert profile.predict_p99_many(["s", "t"], 1, default=2.0) == [9.0, 2.0]
+    assert profile.predict_p99_sum(["s", "s"], 1) == 18.0
 
 
 def test_predictions_use_own_then_larger_then_scaled_smaller_buckets() -> None:
@@ -85,7 +86,7 @@ def test_record_refuses_bad_durations() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"window": 0}, {"min_samples": 0}, {"window": 4, "min_samples": 5}, {"refresh_every": 0}],
+    [{"window": 0}, {"min_samples": 0}, {"window": 4, "min_samples": 5}],
 )
 def test_constructor_validates(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="LatencyProfile"):
@@ -120,7 +121,7 @@ def test_from_dict_refuses_bad_data() -> None:
 
 
 def test_concurrent_records_are_all_counted() -> None:
-    profile = LatencyProfile(window=16, refresh_every=1)
+    profile = LatencyProfile(window=16)
 
     def work(seed: int) -> None:
         for i in range(500):
