@@ -416,7 +416,7 @@ def _evaluate_one(
     y = y.detach().cpu().long()
     n = len(y)
     # ---- every path alone: one forward of the primary gives all exits
-    chunks = [model.primary(xb) + [model.student(xb)] for xb in x.split(batch_size)]
+    chunks = [model.primary(xb) + [model.student(xb)] for xb in x.split(max(batch_size, 512))]
     logits = {p: torch.cat([c[i] for c in chunks]).float().cpu() for i, p in enumerate(paths)}  # [N, C] each
     # ---- the system
     outs = [model(xb) for xb in x.split(batch_size)]
@@ -700,7 +700,7 @@ def evaluate(
     sets: Mapping[str, tuple[Tensor, Tensor]],
     *,
     held_out: Iterable[str] | None = None,
-    batch_size: int = 128,
+    batch_size: int = 16,
     latency_samples: int = 16,
     budgets_ms: Sequence[float] | None = None,
     budget_sets: Sequence[str] | None = None,
@@ -718,7 +718,8 @@ def evaluate(
         sets: ``{"clean": (x, y), "<corruption>/<severity>": (x, y), ...}``; raw inputs ``[N, ...]``.
         held_out: corruption names never used for tuning (summarised separately); default
             :data:`fallbackformer.data.shift.HELD_OUT`.
-        batch_size: batch size of the accuracy passes.
+        batch_size: request size of the system's calls (the budget is per call, so this is the
+            serving batch; the paths alone run in batches of at least 512).
         latency_samples: single-sample calls per set for latency p50/p99 (0 to skip).
         budgets_ms: budgets of the sweep; default :func:`default_budgets` from measured stage times.
         budget_sets: sets swept; default ``clean`` plus, per severity, all shift sets of that severity
