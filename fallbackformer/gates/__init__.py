@@ -1,19 +1,41 @@
 """fallbackformer.gates: confidence scores, temperature scaling, risk-controlled thresholds.
 
-Importable with torch, numpy and safetensors only.
+Importable with torch, numpy and safetensors only (no lightning, hydra, sklearn, matplotlib,
+scipy or torchmetrics).
 """
 
+from fallbackformer.gates.drift import InputRangeCheck, ScoreDriftMonitor
 from fallbackformer.gates.gate import METHODS, ConfidenceGate
-from fallbackformer.gates.scores import SCORES, compute_score, margin, max_softmax, neg_entropy
-from fallbackformer.gates.temperature import fit_temperature
+from fallbackformer.gates.learned import LearnedScore
+from fallbackformer.gates.risk_control import hb_pvalue, threshold_grid
+from fallbackformer.gates.scores import (
+    SCORES,
+    compute_score,
+    margin,
+    max_softmax,
+    neg_entropy,
+    patience,
+)
+from fallbackformer.gates.system import calibrate_system
+from fallbackformer.gates.temperature import brier, ece, fit_temperature, nll
 
 __all__ = [
     "METHODS",
     "SCORES",
     "ConfidenceGate",
+    "InputRangeCheck",
+    "LearnedScore",
+    "ScoreDriftMonitor",
+    "brier",
+    "calibrate_system",
     "compute_score",
+    "ece",
     "fit_temperature",
+    "hb_pvalue",
     "margin",
     "max_softmax",
     "neg_entropy",
+    "nll",
+    "patience",
+    "threshold_grid",
 ]

@@ -6,7 +6,7 @@ A row with any non-finite logit gets the score NaN, which no gate accepts.
 
 >>> import torch
 >>> max_softmax(torch.tensor([[2.0, 0.0, 0.0]])).round(decimals=3)
-tensor([0.787])
+tensor([0.7870])
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ __all__ = [
     "margin",
     "max_softmax",
     "neg_entropy",
+    "patience",
     "score_range",
     "sorted_softmax_features",
 ]
@@ -120,3 +121,49 @@ def score_range(name: str, num_classes: int) -> tuple[float, float]:
     if name == "neg_entropy":
         return -math.log(num_classes), 0.0
     raise ValueError(f"unknown score {name!r}; choose one of {sorted(SCORES) + ['learned']}.")
+
+
+def patience(exit_logits: "list[Tensor] | tuple[Tensor, ...]", k: int) -> list[Tensor]:
+    """Patience rule for early exits (PABEE, Zhou et al. 2020): stop once the argmax is stable.
+
+    Exit ``i`` (0-based) fires for a sample when its argmax equals the argmax of the ``k``
+    exits before it (``i-k .. i`` all agree), i.e. the prediction has stayed unchanged for ``k``
+    consecutive exits. The first ``k`` exits never fire; a row with a non-finite logit at any
+    of the exits involved never fires. The caller serves a sample at its first firing exit.
+
+    Args:
+        exit_logits: ``[B, C]`` logits per exit, in order.
+        k: patience (``>= 1``).
+
+    Returns:
+        One BoolTensor ``[B]`` per exit.
+
+    >>> import torch
+    >>> a, b = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    >>> [t.item() for t in patience([a, a, b, b, b], k=2)]
+    [False, False, False, False, True]
+    """
+    if k < 1:
+        raise ValueError(f"patience k must be >= 1, got {k}.")
+    if len(exit_logits) == 0:
+        return []
+    for i, z in enumerate(exit_logits):
+        _check_logits(z)
+        if z.shape != exit_logits[0].shape:
+            raise ValueError(
+                f"exit {i} logits have shape {tuple(z.shape)}, exit 0 has {tuple(exit_logits[0].shape)}."
+            )
+    preds = [z.argmax(dim=1) for z in exit_logits]  # [B] each
+    finite = [torch.isfinite(z).all(dim=1) for z in exit_logits]
+    out = []
+    b = exit_logits[0].shape[0]
+    dev = exit_logits[0].device
+    run = torch.zeros(b, dtype=torch.long, device=dev)  # consecutive agreements so far
+    for i in range(len(exit_logits)):
+        if i == 0:
+            run = torch.where(finite[0], torch.zeros_like(run), torch.full_like(run, -(10**9)))
+        else:
+            same = (preds[i] == preds[i - 1]) & finite[i]
+            run = torch.where(same, run + 1, torch.where(finite[i], torch.zeros_like(run), torch.full_like(run, -(10**9))))
+        out.append(run >= k)
+    return out
