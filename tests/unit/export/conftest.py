@@ -42,10 +42,27 @@ def tiny_model(seed: int = 0, accept=ACCEPT, policy: ff.Policy | None = None, **
     return ff.FallbackModel(primary, student, gates, policy, class_names=[str(i) for i in range(10)], **kwargs).eval()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model() -> ff.FallbackModel:
-    """Shared within a test module: do not mutate it (use ``make_model`` for a private one)."""
+    """Shared by every export test: do not mutate it (use ``make_model`` for a private one)."""
     return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(model, tmp_path_factory):
+    """``model`` saved with ONNX graphs (its ``model.onnx`` is the where variant). Read-only."""
+    from fallbackformer.export.bundle import save
+
+    return save(model, tmp_path_factory.mktemp("onnx_bundle") / "bundle", onnx=True)
+
+
+@pytest.fixture(scope="session")
+def graphs(model, onnx_bundle, tmp_path_factory):
+    """The combined graphs of ``model``: ``{"where": path, "cond": path}``. Read-only."""
+    from fallbackformer.export.onnx_export import export_onnx
+
+    cond = export_onnx(model, tmp_path_factory.mktemp("onnx") / "cond.onnx", variant="cond")
+    return {"where": onnx_bundle / "model.onnx", "cond": cond}
 
 
 @pytest.fixture

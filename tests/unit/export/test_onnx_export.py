@@ -19,12 +19,6 @@ from fallbackformer.export.onnx_export import (
 CODES = ["exit_1", "exit_2", "exit_3", "primary", "student", "default"]
 
 
-@pytest.fixture(scope="module")
-def graphs(model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("onnx")
-    return {v: export_onnx(model, folder / f"{v}.onnx", variant=v) for v in ("where", "cond")}
-
-
 @pytest.mark.parametrize("variant", ["where", "cond"])
 def test_graph_is_checked_and_documents_its_codes(graphs, variant):
     proto = onnx.load(str(graphs[variant]))
@@ -56,14 +50,14 @@ def test_parity_with_the_runtime(model, graphs, raw, variant, n):
         assert set(report["served_by_counts"]) == set(range(6))
 
 
-def _executed_convs(path, x) -> int:
+def _executed_convs(path, x, folder) -> int:
     """How many convolutions onnxruntime ran for one call (from its profiler; Conv+Relu fuse)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.enable_profiling = True
     opts.log_severity_level = 3
-    opts.profile_file_prefix = str(path.parent / f"prof_{path.stem}")
+    opts.profile_file_prefix = str(folder / f"prof_{path.stem}")
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     sess.run(None, {"x": x.numpy()})
     with open(sess.end_profiling()) as f:
@@ -72,15 +66,15 @@ def _executed_convs(path, x) -> int:
                and e["name"].endswith("_kernel_time"))
 
 
-def test_cond_variant_skips_the_later_stages_when_the_batch_has_exited(model, graphs, raw):
+def test_cond_variant_skips_the_later_stages_when_the_batch_has_exited(model, graphs, raw, tmp_path):
     pool = raw(400, seed=11)
     out = run_onnx(graphs["cond"], pool)
     early = pool[out["served_by"] == 0][:8]  # every sample exits at exit_1
     late = pool[out["served_by"] == 3][:8]  # every sample walks to the primary
     assert len(early) == len(late) == 8
-    assert _executed_convs(graphs["cond"], early) == 1  # stage 1 only
-    assert _executed_convs(graphs["cond"], late) == 4
-    assert _executed_convs(graphs["where"], early) == 4  # the where variant always runs all
+    assert _executed_convs(graphs["cond"], early, tmp_path) == 1  # stage 1 only
+    assert _executed_convs(graphs["cond"], late, tmp_path) == 4
+    assert _executed_convs(graphs["where"], early, tmp_path) == 4  # the where variant always runs all
     for x in (early, late):
         assert check_onnx_parity(model, graphs["cond"], x)["decisions_agree"]
 
