@@ -62,7 +62,7 @@ class LearnedScore(nn.Module):
         k: int = 4,
         hidden: int = 8,
         weight_decay: float = 1e-3,
-        max_iter: int = 200,
+        max_iter: int = 100,
         seed: int = 0,
     ) -> "LearnedScore":
         """Train on ``(logits, labels)`` of a split disjoint from calibration.

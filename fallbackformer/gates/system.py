@@ -106,27 +106,31 @@ def cascade_counts(conf: Tensor, errors: Tensor, grid: Tensor, envelope: bool = 
     err_pad = torch.cat([err, torch.zeros_like(err[:, :1])], dim=1)  # [S, M+1, N]; index M -> 0
     next_err = err_pad.gather(1, next_record)  # [S, M, N]
     served_w = (record & (next_record == m)).long()  # the overall max: served iff it reaches lambda
+    flat = c.reshape(s, m * n)
     if envelope:
         # wrong at some lambda' >= lambda  <=>  lambda <= max conf over wrong records
         v = torch.where(record & errors, c, torch.full_like(c, -math.inf)).max(dim=1).values  # [S, N]
-        err_vals, err_w = v, torch.isfinite(v).long()
+        n_out = _weighted_counts_above(flat, served_w.reshape(s, m * n)[None], grid)[0]
+        k_out = _weighted_counts_above(v, torch.isfinite(v).long()[None], grid)[0]
     else:
-        err_vals = c.reshape(s, m * n)
         err_w = (record.long() * (err - next_err)).reshape(s, m * n)
-    n_out = _weighted_counts_above(c.reshape(s, m * n), served_w.reshape(s, m * n), grid)
-    k_out = _weighted_counts_above(err_vals, err_w, grid)
+        both = torch.stack([served_w.reshape(s, m * n), err_w])  # one sort for both counts
+        n_out, k_out = _weighted_counts_above(flat, both, grid)
     if squeeze:
         return n_out[0], k_out[0]
     return n_out, k_out
 
 
 def _weighted_counts_above(values: Tensor, weights: Tensor, grid: Tensor) -> Tensor:
-    """``sum_i weights_i * 1[values_i >= t]`` for every ``t`` in ``grid``: ``[S, L] -> [S, G]``."""
+    """``sum_i w_i * 1[values_i >= t]`` for every ``t`` in ``grid``.
+
+    ``values`` ``[S, L]``, ``weights`` ``[W, S, L]`` (W weight channels sharing one sort) -> ``[W, S, G]``.
+    """
     v_sorted, order = values.sort(dim=1)
-    w = weights.gather(1, order)
-    prefix = torch.cat([torch.zeros_like(w[:, :1]), w.cumsum(1)], dim=1)  # [S, L+1]
-    pos = torch.searchsorted(v_sorted.contiguous(), grid.expand(values.shape[0], -1).contiguous())
-    return prefix[:, -1:] - prefix.gather(1, pos)
+    w = weights.gather(2, order.expand_as(weights))
+    prefix = torch.cat([torch.zeros_like(w[..., :1]), w.cumsum(-1)], dim=-1)  # [W, S, L+1]
+    pos = torch.searchsorted(v_sorted.contiguous(), grid.expand(values.shape[0], -1).contiguous())  # [S, G]
+    return prefix[..., -1:] - prefix.gather(2, pos.expand(weights.shape[0], -1, -1))
 
 
 def cascade_served(conf: Tensor, threshold: Tensor | float) -> Tensor:

@@ -19,6 +19,7 @@ from torch import Tensor
 __all__ = [
     "apply_temperature",
     "brier",
+    "classwise_ece",
     "ece",
     "fit_temperature",
     "nll",
@@ -170,3 +171,26 @@ def ece(
     if norm == "max":
         return float(gap.max())
     raise ValueError(f"norm must be 'l1' or 'max', got {norm!r}.")
+
+
+def classwise_ece(logits: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """Classwise ECE (Kull et al., 2019): the mean over classes ``c`` of the equal-width-binned
+    calibration error of ``p_c`` against ``1[y = c]`` (every class probability, not only the top one).
+
+    Bin ``b`` holds ``(b/n, (b+1)/n]`` (the first bin also holds 0), as :func:`ece`.
+    """
+    logits, labels = _validate(logits, labels)
+    finite = torch.isfinite(logits).all(dim=1)
+    if not finite.any():
+        return float("nan")
+    p = torch.softmax(logits[finite].double(), dim=1)  # [M, C]
+    m, c = p.shape
+    onehot = torch.nn.functional.one_hot(labels[finite], c).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(p, edges[1:-1], right=False)  # [M, C]
+    flat = (idx + n_bins * torch.arange(c)).flatten()  # a bin per (class, bin)
+    count = torch.zeros(c * n_bins, dtype=torch.float64).index_add_(0, flat, torch.ones(m * c, dtype=torch.float64))
+    sum_p = torch.zeros(c * n_bins, dtype=torch.float64).index_add_(0, flat, p.flatten())
+    sum_y = torch.zeros(c * n_bins, dtype=torch.float64).index_add_(0, flat, onehot.flatten())
+    per_class = ((sum_y - sum_p).abs() / m).reshape(c, n_bins).sum(dim=1)  # sum_b |B|/M |acc - conf|
+    return float(per_class.mean())

@@ -18,12 +18,6 @@ from fallbackformer.gates.gate import reference_sample
 RUNS = 1000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_ks_statistic_and_pvalue_match_scipy():

@@ -17,13 +17,6 @@ from fallbackformer.gates.scores import max_softmax
 S = 1000  # random calibration splits per statistical test
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # vectorised simulations on a shared, loaded 2-core machine: intra-op threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _slack(p: float, s: int = S) -> float:
@@ -162,7 +155,7 @@ def test_crc_mean_risk_over_random_splits(pool):
     assert cov.mean() > 0.4  # CRC controls a different, laxer risk: it serves much more
 
 
-def _fit_temperature_batch(z: torch.Tensor, y: torch.Tensor, steps: int = 12) -> torch.Tensor:
+def _fit_temperature_batch(z: torch.Tensor, y: torch.Tensor, steps: int = 8) -> torch.Tensor:
     """Vectorised Newton's method on log T for [S, N, C] logits (independent of fit_temperature)."""
     u = torch.zeros(z.shape[0], dtype=torch.float64)
     z = z.double()
@@ -196,9 +189,10 @@ def test_ltt_hb_guarantee_with_temperature_fitted_per_split(pool):
     s_cal = max_softmax((z[idx] / t[:, None, None].float()).reshape(-1, 10)).reshape(s_splits, n_cal)
     thr = rc.ltt_hb_threshold(s_cal, err[idx], alpha, delta, grid).float()
     violations = 0
+    d = z - z.max(dim=1, keepdim=True).values  # [M, C], <= 0
     for a in range(0, s_splits, 50):  # population risk, each split at its own temperature
         tt = t[a : a + 50].float()
-        sp = max_softmax((z[None] / tt[:, None, None]).reshape(-1, 10)).reshape(tt.numel(), -1)
+        sp = 1.0 / torch.exp(d[None] / tt[:, None, None]).sum(-1)  # max softmax at T, [50, M]
         acc = sp >= thr[a : a + 50, None]  # inf accepts nothing
         violations += int(((acc & err).sum(1) > alpha * acc.sum(1)).sum())
     assert violations / s_splits <= delta + _slack(delta, s_splits), violations

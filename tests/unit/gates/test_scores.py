@@ -52,3 +52,35 @@ def test_float64_kept_and_unknown_name():
     with pytest.raises(ValueError, match="unknown score 'nope'"):
         compute_score("nope", z)
     assert math.isclose(score_range("neg_entropy", 10)[0], -math.log(10))
+
+
+def _patience_reference(preds, finite, k):
+    """Loop reference: exit i fires when exits i-k..i are finite and share the argmax."""
+    out = []
+    for i in range(len(preds)):
+        row = []
+        for b in range(len(preds[0])):
+            ok = i >= k and all(finite[j][b] for j in range(i - k, i + 1)) and len(
+                {preds[j][b] for j in range(i - k, i + 1)}) == 1
+            row.append(ok)
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_patience_against_loop_reference(k):
+    from fallbackformer.gates.scores import patience
+
+    g = torch.Generator().manual_seed(k)
+    logits = [torch.randn(50, 3, generator=g) for _ in range(5)]
+    # make agreement common: bias every exit toward a per-sample class
+    bias = torch.nn.functional.one_hot(torch.randint(0, 3, (50,), generator=g), 3) * 2.0
+    logits = [z + bias for z in logits]
+    logits[2][0, 1] = float("nan")
+    fired = patience(logits, k)
+    assert all(f.dtype == torch.bool and f.shape == (50,) for f in fired)
+    preds = [z.argmax(1).tolist() for z in logits]
+    finite = [torch.isfinite(z).all(1).tolist() for z in logits]
+    assert [f.tolist() for f in fired] == _patience_reference(preds, finite, k)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        patience(logits, 0)

@@ -15,12 +15,6 @@ from fallbackformer.gates.system import cascade_counts, cascade_served, system_t
 S = 1000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cascade_logits(m: int, seed: int, c: int = 10):
