@@ -140,6 +140,7 @@ class FallbackModel(nn.Module):
         self.breaker: CircuitBreaker | None = breaker
         self._hedger: Hedger | None = None
         self._hedge_calls_left = 0
+        self._refused_in_row = 0  # calls in a row whose primary admission refused at stage 0
         self._synced: tuple[Any, ...] | None = None
         # The stage plan: names, exits, and for each stage the stages up to the next exit.
         n = len(primary.stages)
@@ -173,6 +174,9 @@ class FallbackModel(nn.Module):
             n_valid = b if valid is None else int(valid.numel())
             if n_valid > 0:
                 breaker = self.breaker
+                if policy.probe_every and self._refused_in_row >= policy.probe_every:
+                    state.probe = True  # admission has refused the primary for a while: try it once
+                    self._refused_in_row = 0
                 if breaker is not None and not breaker.try_acquire():
                     state.set_reason(valid, R.BREAKER_OPEN, b)
                     outcome = None
@@ -414,6 +418,13 @@ class FallbackModel(nn.Module):
             state.p99_n = n
         return state.p99
 
+    def _medians(self, state: _RequestState, n: int) -> list[float]:
+        """Predicted p50 (ms) of each stage, at batch size ``n`` (cached; hedged admission)."""
+        if state.p50_n != n:
+            state.p50 = self.profile.predict_many(self._stage_names, n, 0.5)
+            state.p50_n = n
+        return state.p50
+
     def _walk_primary(
         self,
         x: torch.Tensor,
@@ -433,7 +444,9 @@ class FallbackModel(nn.Module):
         b = x.shape[0]
         active = valid  # original indices of the samples still in the batch; None: all
         n = b if active is None else int(active.numel())
-        budget_ms, margin, admission = policy.budget_ms, policy.margin_ms, policy.admission
+        budget_ms, margin = policy.budget_ms, policy.margin_ms
+        admission = policy.admission and not state.probe
+        hedged = cancel is not None
         start_ns, deadline_ns = state.start_ns, state.deadline_ns
         last = len(self._stage_names) - 1
         timings: list[tuple[str, int, float]] = []
@@ -446,12 +459,19 @@ class FallbackModel(nn.Module):
                     state.outcome = _EXCEEDED
                     return
                 if admission:
-                    p99 = self._predictions(state, n)
-                    predicted = sum(p99[i : ends[i] + 1]) + p99[-1] + margin
+                    if hedged:  # more likely than not to finish by budget - margin
+                        predicted = sum(self._medians(state, n)[i : ends[i] + 1]) + margin
+                    else:  # the segment's p99 and then the student's p99 fit, with the margin
+                        p99 = self._predictions(state, n)
+                        predicted = sum(p99[i : ends[i] + 1]) + p99[-1] + margin
                     if (now - start_ns) / NS_PER_MS + predicted > budget_ms:
                         state.set_reason(active, R.DEADLINE_PREDICTED, b)
                         state.outcome = _PREDICTED
+                        if i == 0:
+                            self._refused_in_row += 1  # (a lost update under threads only delays a probe)
                         return
+                    if i == 0:
+                        self._refused_in_row = 0
                 if i == 0:
                     h = units[TRANSFORM_UNIT](x if active is None else x[active])
                 h = units[name](h)
@@ -515,7 +535,7 @@ class FallbackModel(nn.Module):
         mode = policy.hedge
         if mode == "off":
             return False
-        if mode == "always":
+        if mode == "always" or state.probe:
             return True
         with self._lock:
             if self._hedge_calls_left > 0:
@@ -561,7 +581,7 @@ class FallbackModel(nn.Module):
         # The primary is not done: compute the student now for everything not served yet.
         candidates = state.unserved(valid, x.device)
         student = self._student_answer(x, candidates, state) if candidates is not None else None
-        result = ticket.wait(state.deadline_ns)
+        result = ticket.wait(state.deadline_ns - int(policy.margin_ms * NS_PER_MS))  # the margin: return path
         state.freeze()
         if result.status == HedgeStatus.TIMEOUT:
             cancel.set()
@@ -686,6 +706,9 @@ class _RequestState:
         self.num_classes = 0
         self.p99: list[float] = []  # predicted p99 per stage and the student, at batch size p99_n
         self.p99_n = -1
+        self.p50: list[float] = []  # predicted p50 per stage, at batch size p50_n
+        self.p50_n = -1
+        self.probe = False  # admission is lifted for this call (a liveness probe)
         self.primary_ms = 0.0
         self.shared = False
         self.frozen = False

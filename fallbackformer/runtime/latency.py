@@ -152,8 +152,8 @@ class LatencyProfile:
         """The bucket's own estimate of quantile ``q``: live if it has enough samples, else its prior."""
         if len(bucket.ordered) >= self.min_samples:
             return nearest_rank(bucket.ordered, q)
-        if bucket.prior is not None and q in (0.5, 0.99):
-            return bucket.prior["p50" if q == 0.5 else "p99"]
+        if bucket.prior is not None:  # a saved summary: p50 answers q <= 0.5, p99 above
+            return bucket.prior["p50" if q <= 0.5 else "p99"]
         return None
 
     def quantile(self, stage: str, batch_size: int, q: float) -> float | None:
@@ -184,9 +184,18 @@ class LatencyProfile:
 
     def predict_p99_many(self, stages: Sequence[str], batch_size: int, default: float = 0.0) -> list[float]:
         """:meth:`predict_p99` of each of ``stages`` under one lock (the admission check's hot path)."""
+        return self.predict_many(stages, batch_size, 0.99, default)
+
+    def predict_many(self, stages: Sequence[str], batch_size: int, q: float, default: float = 0.0) -> list[float]:
+        """Predicted ``q``-quantile (ms) of each of ``stages`` at ``batch_size``, under one lock.
+
+        Buckets without data are filled in as in :meth:`predict_p99`.
+        """
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile q must be in [0, 1]; got {q!r}")
         b = batch_bucket(batch_size)
         with self._lock:
-            return [self._predict_locked(s, b, default) for s in stages]
+            return [self._predict_locked(s, b, default, q) for s in stages]
 
     def predict_p99_sum(self, stages: Sequence[str], batch_size: int, default: float = 0.0) -> float:
         """Sum of :meth:`predict_p99` over ``stages`` (one lock).
@@ -200,7 +209,7 @@ class LatencyProfile:
         with self._lock:
             return sum(self._predict_locked(s, b, default) for s in stages)
 
-    def _predict_locked(self, stage: str, b: int, default: float) -> float:
+    def _predict_locked(self, stage: str, b: int, default: float, q: float = 0.99) -> float:
         stage_buckets = self._buckets.get(stage)
         if not stage_buckets:
             return default
@@ -208,18 +217,18 @@ class LatencyProfile:
         if bucket is not None:
             ordered = bucket.ordered
             if len(ordered) >= self.min_samples:  # the common case, inlined
-                return ordered[max(1, math.ceil(0.99 * len(ordered))) - 1]
-            own = self._own(bucket, 0.99)
+                return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+            own = self._own(bucket, q)
             if own is not None:
                 return own
         larger = sorted(k for k in stage_buckets if k > b)
         for k in larger:
-            est = self._own(stage_buckets[k], 0.99)
+            est = self._own(stage_buckets[k], q)
             if est is not None:
                 return est
         smaller = sorted((k for k in stage_buckets if k < b), reverse=True)
         for k in smaller:
-            est = self._own(stage_buckets[k], 0.99)
+            est = self._own(stage_buckets[k], q)
             if est is not None:
                 return est * (b / k)
         return default

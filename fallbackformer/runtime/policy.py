@@ -26,12 +26,16 @@ class Policy:
         margin_ms: safety margin kept free for the fallback path when checking the deadline.
         admission: before each stage, skip it (reason ``deadline_predicted``) when the elapsed time
             plus the predicted p99 of the stages up to the next exit, the student's p99 and the margin
-            would overrun the budget. Predictions come from the model's latency profile (seed it with
-            ``FallbackModel.warm_up``); a path without measurements is predicted at 0 ms.
+            would overrun the budget. In a hedged call the student is already provided for and the
+            deadline is enforced by the caller, so a stage is started when it is more likely than not
+            to finish by budget - margin (its predicted p50 is used; a stage that would then miss
+            costs compute on the worker, never latency). Predictions come from the model's latency
+            profile (seed it with ``FallbackModel.warm_up``); a path without measurements is
+            predicted at 0 ms.
         hedge: the hard deadline. ``"off"``: the primary runs on the calling thread (deadline checks
             between stages only; a hang holds the call). ``"always"``: the primary runs on a worker
-            thread and the call returns by the deadline whatever it does (costs a thread hand-off,
-            about 30 us on a CPU). ``"auto"``: inline while the predicted slack is comfortable and the
+            thread and the call returns by budget - margin whatever it does (the margin absorbs the
+            return path's jitter; costs a thread hand-off, about 30 us on a CPU). ``"auto"``: inline while the predicted slack is comfortable and the
             primary has not stalled recently, hedged otherwise (so the first stall after a calm period
             is not bounded; use ``"always"`` where a hang must never hold a call).
         hedge_slack_ms: ``"auto"`` hedges when budget minus the predicted p99 of the whole primary,
@@ -51,6 +55,9 @@ class Policy:
             (compiled on first use: call ``FallbackModel.warm_up`` before serving); ``"auto"``:
             ``warm_up`` times eager against compiled per module and keeps the faster.
         latency_window: recent samples per stage and batch bucket kept by the latency profile.
+        probe_every: after this many calls in a row in which admission did not even start the
+            primary, the next call starts it anyway (hedged unless ``hedge="off"``), so its
+            profile is refreshed once it is fast again; 0 never probes.
     """
 
     budget_ms: float = 50.0
@@ -67,6 +74,7 @@ class Policy:
     rollback: bool = False
     compile: str = "off"
     latency_window: int = 512
+    probe_every: int = 100
 
     def __post_init__(self) -> None:
         if not self.budget_ms > 0:
@@ -90,9 +98,9 @@ class Policy:
                 raise ValueError(f"Policy.{name}={getattr(self, name)!r}; use one of {allowed}")
         if self.hedge_slack_ms is not None and not self.hedge_slack_ms >= 0:
             raise ValueError(f"Policy.hedge_slack_ms must be >= 0 or None; got {self.hedge_slack_ms!r}")
-        for name in ("hedge_after_stall_calls", "hedge_workers", "latency_window"):
+        for name in ("hedge_after_stall_calls", "hedge_workers", "latency_window", "probe_every"):
             v = getattr(self, name)
-            minimum = 0 if name == "hedge_after_stall_calls" else 1
+            minimum = 0 if name in ("hedge_after_stall_calls", "probe_every") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
                 raise ValueError(f"Policy.{name} must be an int >= {minimum}; got {v!r}")
         if isinstance(self.breaker, Mapping):  # from a manifest or a Hydra config

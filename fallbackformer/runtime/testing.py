@@ -22,6 +22,7 @@ from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.runtime.clock import Clock, FakeClock, ScriptedDelay
 from fallbackformer.runtime.fallback_model import FallbackModel
+from fallbackformer.runtime.latency import LatencyProfile
 from fallbackformer.runtime.policy import Policy
 
 __all__ = ["ConstHead", "FeatureHead", "Spy", "build", "gate", "seed"]
@@ -80,6 +81,7 @@ def build(
     thresholds: Sequence[float] | None = None,
     clock: FakeClock | None = None,
     student_head: nn.Module | None = None,
+    profile: LatencyProfile | None = None,
     **policy: Any,
 ) -> tuple[FallbackModel, FakeClock, list[ScriptedDelay], ScriptedDelay]:
     """A primary of ``len(stage_scripts)`` identity stages taking scripted time, exits per ``heads``.
@@ -99,7 +101,7 @@ def build(
     thresholds = list(thresholds) if thresholds is not None else [0.99] * (k - 1) + [0.5, 0.5]
     policy.setdefault("budget_ms", 10.0)
     policy.setdefault("margin_ms", 0.0)
-    model = FallbackModel(primary, student, [gate(t) for t in thresholds], Policy(**policy), clock=clock)
+    model = FallbackModel(primary, student, [gate(t) for t in thresholds], Policy(**policy), clock=clock, profile=profile)
     return model.eval(), clock, stages, student
 
 

@@ -13,6 +13,7 @@ import fallbackformer as ff
 from fallbackformer.runtime.breaker import BreakerConfig, BreakerState
 from fallbackformer.runtime.clock import HANG
 from fallbackformer.runtime.events import ListSink
+from fallbackformer.runtime.latency import LatencyProfile
 from fallbackformer.runtime.testing import ConstHead, FeatureHead, build, seed
 
 X1 = torch.zeros(1, 4)
@@ -356,3 +357,32 @@ def test_a_broken_sink_does_not_break_serving() -> None:
     model.sinks.append(Broken())
     assert model(X1).served_by == ["student"]
     assert model.stats()["sink_errors"] == 1
+
+
+# ---------------------------------------------------------------- admission when hedged, probes
+
+
+def test_hedged_admission_starts_a_stage_that_will_likely_finish_in_time() -> None:
+    # p99 of stage 0 is a stall (20 ms) but its median is 2 ms: inline admission refuses it, a
+    # hedged call starts it (the student covers the stall).
+    model, clock, stages, student = build([2.0], student_script=1.0, budget_ms=10.0, hedge="off")
+    for ms in [2.0] * 90 + [20.0] * 10:
+        model.profile.record("stage_0", 1, ms)
+    seed(model, {"student": 1.0})
+    assert model(X1).reason == ["deadline_predicted"] and stages[0].calls == 0
+    model.policy = ff.Policy(budget_ms=10.0, margin_ms=0.0, hedge="always")
+    assert model(X1).served_by == ["primary"] and stages[0].calls == 1
+    model.close()
+
+
+def test_a_probe_refreshes_a_profile_that_keeps_refusing_the_primary() -> None:
+    model, clock, stages, student = build([1.0], student_script=0.0, budget_ms=10.0, hedge="off", probe_every=3)
+    model.profile = LatencyProfile(window=4, min_samples=1)
+    model.profile.record("stage_0", 1, 50.0)  # an old stall
+    assert [model(X1).reason[0] for _ in range(3)] == ["deadline_predicted"] * 3
+    assert stages[0].calls == 0
+    out = model(X1)  # the probe: admission lifted once
+    assert out.served_by == ["primary"] and stages[0].calls == 1
+    for _ in range(4):
+        model(X1)
+    assert stages[0].calls == 2  # the old stall still in the window: refused 3 times, probed again
