@@ -13,6 +13,7 @@ import html
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -426,6 +427,13 @@ figure img{max-width:100%;display:block} figcaption{font-size:12px;color:#444;ma
 """
 
 
+def _md_inline(text: str) -> str:
+    """Escape, then render Markdown's *emphasis* and `code` (the only inline marks the report uses)."""
+    out = html.escape(text)
+    out = re.sub(r"\*([^*]+)\*", r"<i>\1</i>", out)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+
+
 def _html_table(rows: list[list[str]], row_classes: Sequence[str] | None = None,
                 cell_classes: Mapping[tuple[int, int], str] | None = None) -> str:
     if not rows:
@@ -529,7 +537,7 @@ def render_html(ev: Evaluation, title: str, figures: Mapping[str, Any], extra: M
                          {(i, 1): "hl" for i, r in enumerate(dr[1:]) if r[0] == worst}))
     h.append(f"<h2>References ({html.escape(base)})</h2>" + _html_table(_oracle_rows(ev, base)))
     h.append("<h2>Definitions</h2><ul>" + "".join(
-        f"<li>{html.escape(l[2:])}</li>" for l in _DEFINITIONS_MD.replace("\n  ", " ").splitlines() if l.startswith("- ")
+        f"<li>{_md_inline(l[2:])}</li>" for l in _DEFINITIONS_MD.replace("\n  ", " ").splitlines() if l.startswith("- ")
     ) + "</ul>")
     h.append("</body></html>")
     return "\n".join(h)
