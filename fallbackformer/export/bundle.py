@@ -404,6 +404,7 @@ def load(
     *,
     clock: "Clock | None" = None,
     sinks: Iterable["EventSink"] = (),
+    ort_threads: int | None = None,
 ) -> "FallbackModel":
     """Load a bundle: verify the manifest digest and every file's sha256, rebuild, return the model.
 
@@ -416,6 +417,8 @@ def load(
             ``onnx=True``).
         clock: the runtime's clock (default: monotonic).
         sinks: event sinks for the runtime.
+        ort_threads: intra-op threads of each onnxruntime session (``backend="onnxruntime"``;
+            default: onnxruntime's choice).
 
     Returns:
         A :class:`FallbackModel` in eval mode; ``model.model_hashes`` holds the files' sha256.
@@ -437,7 +440,7 @@ def load(
     if backend == "onnxruntime":
         from fallbackformer.export.ort_backend import load_ort_modules
 
-        primary, student = load_ort_modules(path, manifest)
+        primary, student = load_ort_modules(path, manifest, threads=ort_threads)
     else:
         primary = load_weights(path, manifest, "primary")
         student = load_weights(path, manifest, "student")

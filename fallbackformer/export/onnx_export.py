@@ -222,8 +222,15 @@ def _example(model: "FallbackModel") -> Tensor:
     return example_input(model)
 
 
-def ort_session(path: str | Path, *, threads: int | None = None):
-    """An onnxruntime CPU ``InferenceSession`` with warnings silenced."""
+def ort_session(path: str | Path, *, threads: int | None = None, spinning: bool = True):
+    """An onnxruntime CPU ``InferenceSession`` with warnings silenced.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads (default: onnxruntime's choice, one per core).
+        spinning: let idle intra-op threads spin; turn it off when many sessions take turns
+            (the onnxruntime backend), or their spinning pools steal each other's cores.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -231,6 +238,8 @@ def ort_session(path: str | Path, *, threads: int | None = None):
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -348,6 +357,7 @@ def onnxruntime_vs_torch(
     variants: tuple[str, ...] = ("where", "cond"),
     onnx_paths: Mapping[str, str | Path] | None = None,
     backend_model: "FallbackModel | None" = None,
+    threads: int | None = 1,
 ) -> dict[str, Any]:
     """Latency of onnxruntime against the PyTorch runtime (eager), at batch 1 and 64.
 
@@ -364,7 +374,11 @@ def onnxruntime_vs_torch(
         variants: which combined graphs to time.
         onnx_paths: already exported graphs ``{variant: path}`` (exported to a temporary folder
             otherwise).
-        backend_model: a model loaded with ``ff.load(path, backend="onnxruntime")``.
+        backend_model: a model loaded with ``ff.load(path, backend="onnxruntime")`` (load it with
+            ``ort_threads`` equal to ``threads`` for a like-for-like row).
+        threads: intra-op threads for torch (set for the duration of the call) and for the
+            combined graphs' sessions; ``None`` leaves both at their defaults. One thread gives
+            per-core figures that a shared machine does not scramble.
 
     Returns:
         ``{"torch_ms": {"b1": ms, "b64": ms}, "<row>": {"ms": {...}, "ratio": {...},
@@ -372,13 +386,23 @@ def onnxruntime_vs_torch(
         ``ort_backend``; ``ratio`` is onnxruntime time / torch eager time (below 1: onnxruntime is
         faster).
     """
+    batches = {"b1": x_b1, "b64": x_b64}
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _compare_latency(model, batches, repeats, variants, onnx_paths, backend_model, threads)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _compare_latency(model, batches, repeats, variants, onnx_paths, backend_model, threads) -> dict[str, Any]:
     import tempfile
 
-    batches = {"b1": x_b1, "b64": x_b64}
     ref = reference_runtime(model)
     torch_ms = {k: _median_ms(ref, x, repeats) for k, x in batches.items()}
     expected = {k: runtime_decisions(model, x) for k, x in batches.items()}
-    result: dict[str, Any] = {"torch_ms": torch_ms}
+    result: dict[str, Any] = {"torch_ms": torch_ms, "threads": threads}
 
     def row(fn, decide) -> dict[str, Any]:
         ms = {k: _median_ms(fn, x, repeats) for k, x in batches.items()}
@@ -392,7 +416,7 @@ def onnxruntime_vs_torch(
             path = (onnx_paths or {}).get(variant)
             if path is None:
                 path = export_onnx(model, Path(tmp) / f"model_{variant}.onnx", variant=variant)
-            sess = ort_session(path)
+            sess = ort_session(path, threads=threads)
             result[f"onnx_{variant}"] = row(lambda x: run_onnx(sess, x), lambda x: run_onnx(sess, x))
     if backend_model is not None:
         ort_ref = reference_runtime(backend_model)

@@ -36,14 +36,16 @@ class OrtModule(nn.Module):
     Args:
         path: the ``.onnx`` file (one input, one output, dynamic batch axis).
         name: a label for ``repr`` and errors.
-        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice). Idle threads do
+            not spin: the backend's sessions take turns, and spinning pools would steal each
+            other's cores.
     """
 
     def __init__(self, path: str | Path, name: str = "", threads: int | None = None) -> None:
         super().__init__()
         self.path = str(path)
         self.name = name or Path(path).stem
-        self.session = ort_session(path, threads=threads)
+        self.session = ort_session(path, threads=threads, spinning=False)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ValueError(
@@ -100,8 +102,15 @@ def export_stage_graphs(
     return entry
 
 
-def load_ort_modules(path: str | Path, manifest: Mapping[str, Any]) -> tuple[MultiExitNet, nn.Module]:
+def load_ort_modules(
+    path: str | Path, manifest: Mapping[str, Any], *, threads: int | None = None
+) -> tuple[MultiExitNet, nn.Module]:
     """The primary and the student of a verified bundle, as onnxruntime-backed modules.
+
+    Args:
+        path: the bundle folder (already verified).
+        manifest: its manifest.
+        threads: intra-op threads of each session (default: onnxruntime's choice).
 
     Raises:
         BundleError: when the bundle was saved without ONNX graphs.
@@ -116,12 +125,12 @@ def load_ort_modules(path: str | Path, manifest: Mapping[str, Any]) -> tuple[Mul
             "re-save it with ff.save(model, path, onnx=True), or load it with backend='torch'"
         )
     transform = (
-        OrtModule(path / entry["input_transform"], "input_transform")
+        OrtModule(path / entry["input_transform"], "input_transform", threads)
         if entry.get("input_transform")
         else nn.Identity()
     )
-    stages = [OrtModule(path / rel, f"stage_{i}") for i, rel in enumerate(entry["stages"])]
-    heads = {int(k): OrtModule(path / rel, f"head_{k}") for k, rel in entry["heads"].items()}
+    stages = [OrtModule(path / rel, f"stage_{i}", threads) for i, rel in enumerate(entry["stages"])]
+    heads = {int(k): OrtModule(path / rel, f"head_{k}", threads) for k, rel in entry["heads"].items()}
     primary = MultiExitNet(stages, heads, input_transform=transform)
-    student = OrtModule(path / entry["student"], "student")
+    student = OrtModule(path / entry["student"], "student", threads)
     return primary.eval(), student.eval()
