@@ -98,3 +98,20 @@ def test_bad_arguments_name_the_value():
         ConfidenceGate().confidence(torch.zeros(3))
     with pytest.raises(ValueError, match="score_train"):
         ConfidenceGate.calibrate(z, y, score="learned")
+
+
+def test_gates_import_stays_light():
+    """gates must import with torch, numpy and safetensors only (inference from a bundle)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fallbackformer.gates, fallbackformer.gates.system, fallbackformer.gates.drift, "
+        "fallbackformer.gates.learned\n"
+        "heavy = [m for m in ('torchmetrics', 'scipy', 'matplotlib', 'sklearn', 'lightning', 'hydra', 'netcal') "
+        "if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"gates pulled in heavy modules: {out.stdout.strip()}"
