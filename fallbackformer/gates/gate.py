@@ -245,8 +245,8 @@ class ConfidenceGate(nn.Module):
             raise ValueError(
                 f"need logits [N, C] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}."
             )
-        logits = logits.detach()
-        labels = labels.detach().long().to(logits.device)
+        logits = logits.detach().cpu()  # calibration runs on the CPU; move the gate with .to() after
+        labels = labels.detach().long().cpu()
         t_source = "given"
         if temperature is None:
             temperature = fit_temperature(logits, labels)
@@ -260,7 +260,7 @@ class ConfidenceGate(nn.Module):
                 )
             from fallbackformer.gates.learned import LearnedScore
 
-            tr_logits, tr_labels = score_train
+            tr_logits, tr_labels = score_train[0].detach().cpu(), score_train[1].detach().cpu()
             learned_cfg = LearnedScore.fit(tr_logits / temperature, tr_labels).to_config()
         gate = cls(temperature=temperature, score=score, learned=learned_cfg)
         with torch.no_grad():

@@ -275,7 +275,7 @@ def calibrate_system(
     """
     if len(exit_logits) < 1:
         raise ValueError("exit_logits is empty: pass the list MultiExitNet returns (at least the primary's logits).")
-    all_logits = [z.detach() for z in exit_logits] + [student_logits.detach()]
+    all_logits = [z.detach().cpu() for z in exit_logits] + [student_logits.detach().cpu()]
     n = labels.shape[0]
     for i, z in enumerate(all_logits):
         if z.dim() != 2 or z.shape[0] != n:
@@ -291,7 +291,7 @@ def calibrate_system(
         raise ValueError(f"alpha and delta must lie in (0, 1), got alpha={alpha!r}, delta={delta!r}.")
     if score == "learned" and score_train is None:
         raise ValueError("score='learned' needs score_train=(exit_logits, student_logits, labels) from a split disjoint from calibration.")
-    labels = labels.detach().long()
+    labels = labels.detach().long().cpu()
     gates: list[ConfidenceGate] = []
     for i, z in enumerate(all_logits):
         t = float(temperatures[i]) if temperatures is not None else fit_temperature(z, labels)
@@ -300,8 +300,8 @@ def calibrate_system(
             from fallbackformer.gates.learned import LearnedScore
 
             tr_exits, tr_student, tr_labels = score_train  # type: ignore[misc]
-            tr = (list(tr_exits) + [tr_student])[i]
-            learned_cfg = LearnedScore.fit(tr / t, tr_labels).to_config()
+            tr = (list(tr_exits) + [tr_student])[i].detach().cpu()
+            learned_cfg = LearnedScore.fit(tr / t, tr_labels.detach().cpu()).to_config()
         gates.append(ConfidenceGate(temperature=t, score=score, learned=learned_cfg))
     with torch.no_grad():
         conf = torch.stack([g.confidence(z) for g, z in zip(gates, all_logits)])  # [M, N]

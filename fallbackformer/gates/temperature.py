@@ -38,7 +38,7 @@ def _validate(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         )
     if labels.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16):
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}.")
-    labels = labels.long()
+    logits, labels = logits.detach().cpu(), labels.detach().long().cpu()  # metrics run on the CPU
     c = logits.shape[1]
     if labels.numel() and (labels.min() < 0 or labels.max() >= c):
         raise ValueError(
@@ -78,8 +78,8 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> floa
     logits, labels = _validate(logits, labels)
     with torch.no_grad():
         finite = torch.isfinite(logits).all(dim=1)  # [N]
-        z = logits[finite].detach().to(torch.float64)  # [M, C]
-        y = labels[finite]
+        z = logits[finite].detach().to("cpu", torch.float64)  # [M, C]
+        y = labels[finite].cpu()
     if z.shape[0] == 0:
         return 1.0
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
