@@ -1,7 +1,6 @@
 """Drift monitor: KS statistic against scipy, and the sequential design measured on synthetic
 streams: false alarms on clean 5000-request streams, detection delay after a severe shift."""
 
-import math
 
 import pytest
 import torch
