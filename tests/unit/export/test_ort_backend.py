@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fallbackformer as ff
-from fallbackformer.export.bundle import MANIFEST, BundleError, load, save
+from fallbackformer.export.bundle import MANIFEST, BundleError, load
 from fallbackformer.export.onnx_export import check_onnx_parity
 from fallbackformer.export.ort_backend import OrtModule
 from fallbackformer.runtime.clock import FakeClock, ScriptedDelay
