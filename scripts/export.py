@@ -1,4 +1,4 @@
-"""Save the bundle and the ONNX file: python scripts/export.py primary_dir=.. student_dir=.. calibration=../calibration.json"""
+"""Save the bundle and the ONNX file: python scripts/export.py primary_dir=.. student_dir=.. calibration=DIR/gates.json"""
 
 import hydra
 from omegaconf import DictConfig

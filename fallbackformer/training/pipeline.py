@@ -88,18 +88,26 @@ def path_logits(primary: MultiExitNet, student: nn.Module, x: torch.Tensor,
     return [torch.cat(parts) for parts in zip(*chunks)]
 
 
-def calibrate_gates(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
-                    x_cal: torch.Tensor, y_cal: torch.Tensor) -> tuple[list[ConfidenceGate], dict]:
-    """A gate per path on the calibration split: temperature, then a threshold (``cfg.gate``)."""
-    g = cfg.gate
+def calibrate_paths(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
+              splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+              report_dir: Path | None = None) -> tuple[list[ConfidenceGate], dict]:
+    """Gates ``[exit_1.., primary, student]`` on the calibration split (``cfg.gate``).
+
+    A learned score trains on the validation split, disjoint from calibration. With ``report_dir``,
+    ``calibration.json`` and per-gate reliability and risk-coverage figures are written there.
+    """
+    from fallbackformer.training.calibration import calibrate_gates, write_calibration_report
+
+    x_cal, y_cal = splits["calibration"]
     logits = path_logits(primary, student, x_cal)
-    names = primary.exit_names + ["student"]
-    alphas = [g.alpha.exits] * (primary.num_exits - 1) + [g.alpha.primary, g.alpha.student]
-    gates = [
-        ConfidenceGate.calibrate(lg, y_cal, alpha=a, delta=g.delta, method=g.method, score=g.score)
-        for lg, a in zip(logits, alphas)
-    ]
-    report = {name: gate.guarantee for name, gate in zip(names, gates)}
+    score_train = None
+    if cfg.gate.get("score") == "learned":
+        x_val, y_val = splits["val"]
+        val_logits = path_logits(primary, student, x_val)
+        score_train = (val_logits[:-1], val_logits[-1], y_val)
+    gates, report = calibrate_gates(logits[:-1], logits[-1], y_cal, cfg.gate, score_train=score_train)
+    if report_dir is not None:
+        write_calibration_report(report, gates, logits, y_cal, report_dir)
     return gates, report
 
 
@@ -112,35 +120,12 @@ def assemble(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
                          class_names=class_names).eval()
 
 
-@torch.no_grad()
-def evaluate_set(model: FallbackModel, x: torch.Tensor, y: torch.Tensor, batch_size: int = 16) -> dict[str, Any]:
-    """Accuracy of the primary alone, the student alone and the system; the served_by mix.
-
-    The system is called with requests of ``batch_size`` samples, as a service would be: the
-    budget applies per request, not to the whole set at once.
-    """
-    logits = path_logits(model.primary, model.student, x)
-    outs = [model(xb) for xb in x.split(batch_size)]
-    prediction = torch.cat([o.prediction for o in outs])
-    served_by = [s for o in outs for s in o.served_by]
-    reasons = [r for o in outs for r in o.reason]
-    n = len(y)
-    served = {name: served_by.count(name) / n for name in model.path_names + ["default"]}
-    fallback = sum(1 for s in served_by if s in ("student", "default")) / n
-    return {
-        "accuracy_primary": float((logits[-2].argmax(1) == y).float().mean()),
-        "accuracy_student": float((logits[-1].argmax(1) == y).float().mean()),
-        "accuracy_system": float((prediction == y).float().mean()),
-        "accuracy_exits": {name: float((lg.argmax(1) == y).float().mean())
-                           for name, lg in zip(model.primary.exit_names, logits[:-1])},
-        "fallback_rate": fallback,
-        "served_by": served,
-        "reasons": {r: reasons.count(r) / n for r in sorted(set(reasons)) if r},
-    }
-
-
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The main job (see the module docstring). Returns ``(summary, objects)``."""
+    from fallbackformer.evaluation.pipeline import evaluate_and_report, headline_metrics
+    from fallbackformer.evaluation.shift_eval import CLEAN
+    from fallbackformer.export import check_onnx_parity, export_onnx, save
+
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
     out_dir = output_dir(cfg)
@@ -162,28 +147,30 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     seconds["distill"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    gates, calibration = calibrate_gates(cfg, primary, student, *splits["calibration"])
+    gates, calibration = calibrate_paths(cfg, primary, student, splits, out_dir / "calibration")
     model = assemble(cfg, primary, student, gates)
+    # Latency profiles (and the compile choice) before anything is timed, on validation images at
+    # the request sizes the evaluation uses.
+    model.warm_up(splits["val"][0][: cfg.evaluation.batch_size], batch_sizes=[1, cfg.evaluation.batch_size])
     seconds["calibrate"] = time.perf_counter() - t
 
+    # Evaluation touches the test split and the shift sets made from it, nothing else does.
     t = time.perf_counter()
     x_test, y_test = splits["test"]
-    clean = evaluate_set(model, x_test, y_test)
     suite = instantiate(cfg.shift)
     shift_sets = suite.build(x_test, y_test)
-    shift = {}
-    for key, (xs, ys) in shift_sets.items():
-        r = evaluate_set(model, xs, ys)
-        shift[key] = {k: r[k] for k in ("accuracy_system", "accuracy_primary", "accuracy_student", "fallback_rate")}
+    evaluation, report_paths = evaluate_and_report(
+        model, x_test, y_test, suite, out_dir, shift_sets=shift_sets,
+        extra={"bundle": str(cfg.bundle_dir), "seed": cfg.seed},
+        **OmegaConf.to_container(cfg.evaluation, resolve=True),
+    )
     seconds["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    from fallbackformer.export import check_onnx_parity, export_onnx, save
-
     bundle_dir = Path(cfg.bundle_dir)
-    evaluation_summary = {"clean": clean, "shift": shift}
-    save(model, bundle_dir, evaluation=evaluation_summary,
-         degradation=OmegaConf.to_container(cfg.degradation, resolve=True))
+    # With the ONNX stage graphs inside, the bundle also loads with backend="onnxruntime".
+    save(model, bundle_dir, evaluation=headline_metrics(evaluation),
+         degradation=OmegaConf.to_container(cfg.degradation, resolve=True), onnx=bool(cfg.onnx.export))
     onnx_report: dict[str, Any] = {}
     if cfg.onnx.export:
         onnx_path = export_onnx(model, out_dir / "model.onnx", variant=cfg.onnx.variant)
@@ -191,16 +178,24 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     seconds["export"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_start
 
+    clean = evaluation.per_set[CLEAN]
+    shift = {
+        key: {"accuracy_system": r["accuracy"]["system"], "accuracy_primary": r["accuracy"]["primary"],
+              "accuracy_student": r["accuracy"]["student"], "fallback_rate": r["fallback_rate"]}
+        for key, r in evaluation.per_set.items() if key != CLEAN
+    }
     summary = {
-        "accuracy": {"primary": clean["accuracy_primary"], "student": clean["accuracy_student"],
-                     "system": clean["accuracy_system"], **clean["accuracy_exits"]},
+        "accuracy": clean["accuracy"],
         "fallback_rate": clean["fallback_rate"],
         "served_by": clean["served_by"],
         "reasons": clean["reasons"],
         "shift": shift,
+        "shift_summary": evaluation.summary,
         "onnx": onnx_report,
         "bundle": str(bundle_dir),
-        "calibration": calibration,
+        "report": {k: str(v) for k, v in report_paths.items() if k in ("json", "md", "html")},
+        "calibration": {"mode": calibration["mode"], "system": calibration["system"],
+                        "gates": {n: g["guarantee"] for n, g in calibration["gates"].items()}},
         "training": {**train_metrics, **distill_metrics},
         "seconds": seconds,
     }
@@ -208,7 +203,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     log.info("summary written to %s", out_dir / "summary.json")
     print(format_summary(summary))
     objects = {"model": model, "primary": primary, "student": student, "gates": gates,
-               "splits": splits, "shift_sets": shift_sets, "output_dir": out_dir}
+               "splits": splits, "shift_sets": shift_sets, "evaluation": evaluation, "output_dir": out_dir}
     return summary, objects
 
 
@@ -221,14 +216,20 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  fallback rate    {summary['fallback_rate']:.4f}",
         "  served_by        " + "  ".join(f"{k} {v:.3f}" for k, v in summary["served_by"].items()),
     ]
+    if summary.get("report"):
+        lines.append(f"  report           {summary['report'].get('html')}")
     if summary.get("onnx"):
         o = summary["onnx"]
         lines.append(f"  onnx             max_abs_diff {o.get('max_abs_diff', float('nan')):.2e}   "
                      f"decisions_agree {o.get('decisions_agree', float('nan')):.4f}")
-    lines.append(f"  {'shift set':<22} {'system':>8} {'primary':>8} {'student':>8} {'fallback':>9}")
+    lines.append(f"  {'shift (mean over severities)':<30} {'system':>8} {'primary':>8} {'student':>8} {'fallback':>9}")
+    by_corruption: dict[str, list[dict[str, float]]] = {}
     for key, r in summary["shift"].items():
-        lines.append(f"  {key:<22} {r['accuracy_system']:>8.4f} {r['accuracy_primary']:>8.4f} "
-                     f"{r['accuracy_student']:>8.4f} {r['fallback_rate']:>9.4f}")
+        by_corruption.setdefault(key.split("/")[0], []).append(r)
+    for name, rows in by_corruption.items():
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+        lines.append(f"  {name:<30} {mean['accuracy_system']:>8.4f} {mean['accuracy_primary']:>8.4f} "
+                     f"{mean['accuracy_student']:>8.4f} {mean['fallback_rate']:>9.4f}")
     s = summary["seconds"]
     lines.append("  seconds          " + "  ".join(f"{k} {v:.1f}" for k, v in s.items()))
     lines.append(f"  bundle           {summary['bundle']}")
@@ -277,10 +278,9 @@ def calibrate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     out_dir, datamodule = _stage_setup(cfg)
     primary = load_model(cfg.primary_dir, "primary")
     student = load_model(cfg.student_dir, "student")
-    gates, report = calibrate_gates(cfg, primary, student, *datamodule.splits["calibration"])
-    payload = {"gates": {n: g.to_config() for n, g in zip(primary.exit_names + ["student"], gates)},
-               "guarantees": report}
-    (out_dir / "calibration.json").write_text(json.dumps(payload, indent=2, default=float))
+    gates, report = calibrate_paths(cfg, primary, student, datamodule.splits, out_dir)
+    payload = {"gates": {n: g.to_config() for n, g in zip(primary.exit_names + ["student"], gates)}}
+    (out_dir / "gates.json").write_text(json.dumps(payload, indent=2, default=float))
     return report, {"gates": gates, "output_dir": out_dir}
 
 
@@ -292,10 +292,11 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     out_dir, datamodule = _stage_setup(cfg)
     primary = load_model(cfg.primary_dir, "primary")
     student = load_model(cfg.student_dir, "student")
-    gate_cfgs = json.loads(Path(cfg.calibration).read_text())["gates"]
+    gate_cfgs = json.loads(Path(cfg.calibration).read_text())["gates"]  # gates.json of calibrate.py
     gates = [ConfidenceGate.from_config(gate_cfgs[n]) for n in primary.exit_names + ["student"]]
     model = assemble(cfg, primary, student, gates)
-    bundle = save(model, Path(cfg.bundle_dir), degradation=OmegaConf.to_container(cfg.degradation, resolve=True))
+    bundle = save(model, Path(cfg.bundle_dir), degradation=OmegaConf.to_container(cfg.degradation, resolve=True),
+                  onnx=bool(cfg.onnx.export))
     metrics: dict[str, Any] = {"bundle": str(bundle)}
     if cfg.onnx.export:
         onnx_path = export_onnx(model, out_dir / "model.onnx", variant=cfg.onnx.variant)
