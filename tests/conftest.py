@@ -14,6 +14,10 @@ from fallbackformer.data.digits import load_digits_splits
 from fallbackformer.training.distill_module import hinton_loss
 from fallbackformer.training.pipeline import DIGITS_INPUT, path_logits
 
+# One torch thread for the whole test session: on 2 shared cores, two intra-op threads fighting
+# each other made small ops orders of magnitude slower, and timings noisy.
+torch.set_num_threads(1)
+
 
 @dataclass
 class DigitsSystem:
@@ -55,7 +59,7 @@ def digits_system() -> DigitsSystem:
     def distill_loss(m, xb, yb):
         with torch.no_grad():
             teacher = primary(xb)[-1]  # the frozen primary's final exit
-        return hinton_loss(m(xb), teacher, yb, temperature=4.0, alpha=0.7)
+        return hinton_loss(m(xb), teacher, yb, temperature=4.0, alpha=0.9)
 
     _train(student, distill_loss, x, y, epochs=15, lr=5e-3)
     x_cal, y_cal = splits["calibration"]

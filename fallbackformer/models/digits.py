@@ -78,7 +78,7 @@ class MLPStudent(nn.Module):
         num_classes: number of classes.
     """
 
-    def __init__(self, in_features: int = 64, hidden: int = 128, num_classes: int = 10) -> None:
+    def __init__(self, in_features: int = 64, hidden: int = 256, num_classes: int = 10) -> None:
         super().__init__()
         self.input_transform = nn.Sequential(ScaleShift(16.0, DIGITS_MEAN, DIGITS_STD), nn.Flatten())
         self.net = nn.Sequential(
@@ -93,6 +93,6 @@ class MLPStudent(nn.Module):
 
 
 @register_model("digits_mlp_student")
-def digits_mlp_student(num_classes: int = 10, hidden: int = 128) -> MLPStudent:
+def digits_mlp_student(num_classes: int = 10, hidden: int = 256) -> MLPStudent:
     """The fallback student for digits: one hidden layer on the native 8x8 input."""
     return MLPStudent(64, hidden, num_classes)
