@@ -350,7 +350,8 @@ class ScriptedDelay(nn.Module):
         if isinstance(step, _Hang) or (isinstance(step, (int, float)) and math.isinf(step)):
             self._hang()
             return
-        sleep(self.clock, float(step))
+        if step:  # a zero step takes no time (and no system call on a real clock)
+            sleep(self.clock, float(step))
 
     def _hang(self) -> None:
         if isinstance(self.clock, FakeClock) and threading.get_ident() in self.clock._workers:

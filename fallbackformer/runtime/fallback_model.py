@@ -23,6 +23,7 @@ One model may serve many threads at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -169,24 +170,25 @@ class FallbackModel(nn.Module):
         b = x.shape[0]
         state = _RequestState(b, start_ns, start_ns + budget_ns)
 
-        with torch.inference_mode():
+        with contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode():
             valid = self._valid_indices(x, state, policy)  # None: every sample is valid
             n_valid = b if valid is None else int(valid.numel())
             if n_valid > 0:
                 breaker = self.breaker
-                if policy.probe_every and self._refused_in_row >= policy.probe_every:
-                    state.probe = True  # admission has refused the primary for a while: try it once
-                    self._refused_in_row = 0
                 if breaker is not None and not breaker.try_acquire():
                     state.set_reason(valid, R.BREAKER_OPEN, b)
                     outcome = None
-                elif self._should_hedge(policy, state, n_valid):
-                    outcome = self._hedged(x, valid, state, policy)
                 else:
-                    t0 = clock.now_ns()
-                    self._walk_primary(x, valid, state, policy, None)
-                    outcome = state.outcome
-                    state.primary_ms = (clock.now_ns() - t0) / NS_PER_MS
+                    if policy.probe_every and self._refused_in_row >= policy.probe_every:
+                        state.probe = True  # admission has refused the primary for a while: try it once
+                        self._refused_in_row = 0
+                    if self._should_hedge(policy, state, n_valid):
+                        outcome = self._hedged(x, valid, state, policy)
+                    else:
+                        t0 = clock.now_ns()
+                        self._walk_primary(x, valid, state, policy, None)
+                        outcome = state.outcome
+                        state.primary_ms = (clock.now_ns() - t0) / NS_PER_MS
                 if outcome is not None:
                     self._after_primary(outcome, state.primary_ms, policy)
                 rest = state.unserved(valid, x.device)
@@ -553,7 +555,9 @@ class FallbackModel(nn.Module):
                     name="fallbackformer-primary",
                     cuda_streams=device.type == "cuda",
                 )
-                weakref.finalize(self, Hedger.close, self._hedger)
+                # close the workers when the model is collected, but not at interpreter exit: a
+                # daemon thread that wakes up and ends during finalization can abort the process
+                weakref.finalize(self, Hedger.close, self._hedger).atexit = False
             return self._hedger
 
     def _hedged(self, x: torch.Tensor, valid: torch.Tensor | None, state: _RequestState, policy: Policy) -> str:
@@ -647,13 +651,14 @@ class FallbackModel(nn.Module):
 
     def _record(self, out: FallbackOutput, state: _RequestState, policy: Policy) -> None:
         served_by, reasons = out.served_by, out.reason
+        uniform = len(served_by) == 1 or len(set(served_by)) == 1
         with self._lock:
             self.calls += 1
-            if served_by[0] == served_by[-1] and len(set(served_by)) == 1:
+            if uniform:
                 self.served_counts[served_by[0]] += len(served_by)
             else:
                 self.served_counts.update(served_by)
-            if reasons[0] or reasons[-1] or len(set(reasons)) > 1:
+            if reasons[0] or len(reasons) > 1:
                 self.reason_counts.update(r for r in reasons if r)
         if not self.sinks:
             return
@@ -823,11 +828,16 @@ class _RequestState:
             served_by = [s if s is not None else R.DEFAULT for s in self.served_by]
             reason = list(self.reason)
         b = self.b
+        if parts and parts[0][1].is_cuda:  # made on a side stream by a hedged walk: keep them alive for ours
+            current = torch.cuda.current_stream()
+            for _, lg, cf in parts:
+                lg.record_stream(current)
+                cf.record_stream(current)
         if len(parts) == 1 and parts[0][0] is None:  # one path served the whole batch
             _, logits, conf = parts[0]
-            logits = logits.float()
+            logits = logits if logits.dtype == torch.float32 else logits.float()
             prediction = logits.argmax(dim=1)
-            confidence = conf.float()
+            confidence = conf if conf.dtype == torch.float32 else conf.float()
         else:
             num_classes = parts[0][1].shape[1] if parts else self.num_classes
             prediction = torch.full((b,), default_prediction, dtype=torch.long, device=device)
