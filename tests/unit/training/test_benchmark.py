@@ -1,0 +1,54 @@
+"""The benchmark runs end to end on tiny settings and writes benchmark.json and BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fallbackformer.training.benchmark import register_section, run_benchmark, _REGISTERED
+
+
+def test_benchmark_sections_on_tiny_settings(digits_system, tmp_path: Path) -> None:
+    cfg = {
+        "out_dir": str(tmp_path),
+        "num_threads": 1,
+        "benchmark": {
+            "sections": ["overhead", "deadline", "early_exit", "onnxruntime", "custom"],
+            "overhead": {"width": 8, "rounds": 2, "inner": 3},
+            "deadline": {"budget_ms": 20.0, "calls": 30, "stall_probability": 0.2, "stall_ms": 60.0, "margin_ms": 1.0},
+            "early_exit": {"rounds": 1, "inner": 2, "b1_samples": 3, "alpha_sweep": [0.05]},
+        },
+    }
+    system = {
+        "primary": digits_system.primary,
+        "student": digits_system.student,
+        "gates": digits_system.gates,
+        "splits": digits_system.splits,
+    }
+
+    @register_section("custom")
+    def custom(ctx):
+        return {"answer": 42, "cores": ctx.machine["logical_cores"]}
+
+    try:
+        results, objects = run_benchmark(cfg, system=system)
+    finally:
+        _REGISTERED.pop("custom", None)
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert set(saved) == {"machine", "overhead", "deadline", "early_exit", "onnxruntime", "custom"}
+    assert saved["machine"]["torch"] and saved["machine"]["cpu"]
+    o = results["overhead"]
+    assert o["ratio_b1"] > 0 and o["ratio_b64"] > 0 and "goal_met" in o
+    d = results["deadline"]
+    for variant in ("fallbackformer", "naive_timeout", "no_wrapper"):
+        assert {"p50_ms", "p99_ms", "p999_ms", "max_ms", "misses"} <= set(d[variant])
+    assert d["no_wrapper"]["max_ms"] >= 60.0  # the stall is there
+    assert d["fallbackformer"]["max_ms"] < d["no_wrapper"]["max_ms"]
+    e = results["early_exit"]
+    assert 0.0 <= e["compute_saved"] <= e["oracle_compute_saved"] + 1e-9 <= 1.0 + 1e-9
+    assert abs(e["compute_saved"] - e["compute_saved_measured"]) < 0.02  # per-sample count vs measured FLOPs
+    assert e["flops_check_rel_err"] < 1e-6 and len(e["alpha_sweep"]) == 1
+    assert results["custom"] == {"answer": 42, "cores": saved["machine"]["logical_cores"]}
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    for heading in ("## Overhead", "## Deadline", "## Early exits", "## onnxruntime", "## custom"):
+        assert heading in md
