@@ -343,10 +343,6 @@ class Hedger:
             worker.close(timeout_s)
 
 
-class _StreamTicket(Ticket):
-    """A :class:`Ticket` for work launched on a side stream from the calling thread."""
-
-
 class SideStream:
     """Launch a callable on a side CUDA stream from the calling thread, and wait for it with a deadline.
 
@@ -366,7 +362,7 @@ class SideStream:
 
     def launch(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Ticket:
         """Queue ``fn(*args, **kwargs)`` on the side stream after the current stream's pending work."""
-        ticket = _StreamTicket(self.clock)
+        ticket = Ticket(self.clock)
         self.stream.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(self.stream):

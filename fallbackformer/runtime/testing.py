@@ -20,12 +20,12 @@ from torch import nn
 
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
-from fallbackformer.runtime.clock import Clock, FakeClock, ScriptedDelay
+from fallbackformer.runtime.clock import FakeClock, ScriptedDelay
 from fallbackformer.runtime.fallback_model import FallbackModel
 from fallbackformer.runtime.latency import LatencyProfile
 from fallbackformer.runtime.policy import Policy
 
-__all__ = ["ConstHead", "FeatureHead", "Spy", "build", "gate", "seed"]
+__all__ = ["ConstHead", "FeatureHead", "build", "gate", "seed"]
 
 NUM_CLASSES = 3
 
@@ -53,20 +53,6 @@ class FeatureHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(h.shape[0], NUM_CLASSES)
         out[:, self.cls] = torch.where(h[:, self.k] > 0, 20.0, 0.0)
-        return out
-
-
-class Spy(nn.Module):
-    """Records the clock time after each call of ``inner`` (a head's answer time)."""
-
-    def __init__(self, inner: nn.Module, clock: Clock) -> None:
-        super().__init__()
-        self.inner, self.clock = inner, clock
-        self.times: list[int] = []
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.inner(h)
-        self.times.append(self.clock.now_ns())
         return out
 
 
