@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fallbackformer.gates.drift import ScoreDriftMonitor
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.runtime import reasons as R
@@ -137,6 +138,9 @@ class FallbackModel(nn.Module):
         self.compile_fn: Callable[[nn.Module], Callable[..., Any]] = _torch_compile
         self._ids = itertools.count()
         self._id_prefix = uuid.uuid4().hex[:8]
+        self.signal_counts: Counter[str] = Counter()
+        self._drift: tuple[tuple[Any, ...], ScoreDriftMonitor] | None = None
+        self._drift_lock = threading.Lock()
         self._given_breaker = breaker
         self.breaker: CircuitBreaker | None = breaker
         self._hedger: Hedger | None = None
@@ -197,6 +201,8 @@ class FallbackModel(nn.Module):
 
         latency_ms = (clock.now_ns() - start_ns) / NS_PER_MS
         out = state.output(latency_ms, request_id, self._default_prediction(policy), x.device)
+        if policy.drift_check and state.drift_scores is not None:
+            self._check_drift(out, state.drift_scores, policy)
         self._record(out, state, policy)
         return out
 
@@ -250,7 +256,10 @@ class FallbackModel(nn.Module):
                 "reasons": dict(self.reason_counts),
                 "fallback_rate": fallbacks / total if total else 0.0,
                 "sink_errors": self.sink_errors,
+                "signals": dict(self.signal_counts),
             }
+        if self._drift is not None and self.policy.drift_check:
+            out["drift"] = self._drift[1].state()
         if self._hedger is not None:
             out["hedge"] = self._hedger.stats()
         if self.breaker is not None:
@@ -261,6 +270,46 @@ class FallbackModel(nn.Module):
         """The rollback switch: ``True`` serves every call by the fallback path (``breaker_open``)."""
         self.policy = dataclasses.replace(self.policy, rollback=bool(on))
         self._sync()
+
+    @property
+    def drift_monitor(self) -> ScoreDriftMonitor | None:
+        """The calibration-drift monitor of ``policy.drift_check`` (None when off)."""
+        return self._drift[1] if self._drift is not None and self.policy.drift_check else None
+
+    def reset_drift(self) -> None:
+        """Forget the drift state (after recalibrating the gates); answers flow normally again."""
+        with self._drift_lock:
+            self._drift = None
+
+    def _check_drift(self, out: FallbackOutput, scores: torch.Tensor, policy: Policy) -> None:
+        """Feed the first live gate's scores to the drift monitor; signal, and route if the policy says."""
+        live = self._live_exits()
+        first = next(i for i, ok in enumerate(live) if ok)
+        name = self._exit_name[first]
+        key = (name, policy.drift_window, policy.drift_level, policy.drift_check_every, policy.drift_horizon)
+        with self._drift_lock:
+            if self._drift is None or self._drift[0] != key:
+                reference = self.gates[name].reference_scores
+                self._drift = (key, ScoreDriftMonitor(
+                    reference, window=policy.drift_window, level=policy.drift_level,
+                    check_every=policy.drift_check_every, horizon=policy.drift_horizon))
+            monitor = self._drift[1]
+            fired = monitor.update(scores)
+            drifted = monitor.drifted
+        if fired:
+            out.signals.append(R.CALIBRATION_DRIFT)
+            with self._lock:
+                self.signal_counts[R.CALIBRATION_DRIFT] += 1
+        if drifted and policy.on_drift == "default":
+            default = self._default_prediction(policy)
+            for i, who in enumerate(out.served_by):
+                if who != R.DEFAULT:
+                    out.served_by[i] = R.DEFAULT
+                    out.reason[i] = R.CALIBRATION_DRIFT
+            routed = torch.tensor([r == R.CALIBRATION_DRIFT for r in out.reason], device=out.prediction.device)
+            out.prediction[routed] = default
+            out.confidence[routed] = float("nan")
+            out.logits[routed] = float("nan")
 
     def close(self) -> None:
         """Stop the hedging workers (a hung primary's thread is a daemon and is left behind)."""
@@ -491,6 +540,8 @@ class FallbackModel(nn.Module):
                 state.num_classes = logits.shape[1]
                 # The gate's confidence is NaN exactly on rows with a non-finite logit, never accepted.
                 accept, conf = gates[exit_name](logits)
+                if state.drift_scores is None:
+                    state.drift_scores = conf  # the first live gate sees every sample walked
                 n_accept = int(accept.sum())
                 done_ns = clock.now_ns()
                 timings.append((name, n, (done_ns - now) / NS_PER_MS))
@@ -718,6 +769,7 @@ class _RequestState:
         self.shared = False
         self.frozen = False
         self.student_done = False
+        self.drift_scores: torch.Tensor | None = None  # the first live gate's scores, for the drift check
         self.lock = threading.Lock()
 
     # -- writes (the worker's are ignored once frozen) ----------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 from fallbackformer.runtime.breaker import BreakerConfig
 
 INVALID_INPUT_ACTIONS = ("raise", "default")
+DRIFT_ACTIONS = ("alert", "default")
 HEDGE_MODES = ("off", "auto", "always")
 HEDGE_STARTS = ("deferred", "immediate")
 COMPILE_MODES = ("off", "on", "auto")
@@ -58,6 +59,17 @@ class Policy:
         probe_every: after this many calls in a row in which admission did not even start the
             primary, the next call starts it anyway (hedged unless ``hedge="off"``), so its
             profile is refreshed once it is fast again; 0 never probes.
+        drift_check: watch the calibration-time distribution of the first live gate's score
+            (it sees every request the primary walks) with a sequential two-sample KS test
+            (:class:`~fallbackformer.gates.drift.ScoreDriftMonitor`); a rejection raises the
+            signal ``calibration_drift`` (in ``FallbackOutput.signals`` and ``stats()``).
+        on_drift: ``"alert"``: signal and count only; ``"default"``: once drift is detected, every
+            answer is the safe default with reason ``calibration_drift`` until
+            ``FallbackModel.reset_drift()`` (after recalibration).
+        drift_window: recent scores tested.
+        drift_level: false-alarm probability over ``drift_horizon`` requests (Bonferroni over looks).
+        drift_check_every: scores between two looks.
+        drift_horizon: stream length over which ``drift_level`` holds.
     """
 
     budget_ms: float = 50.0
@@ -75,6 +87,12 @@ class Policy:
     compile: str = "off"
     latency_window: int = 512
     probe_every: int = 100
+    drift_check: bool = False
+    on_drift: str = "alert"
+    drift_window: int = 100
+    drift_level: float = 0.01
+    drift_check_every: int = 25
+    drift_horizon: int = 5000
 
     def __post_init__(self) -> None:
         if not self.budget_ms > 0:
@@ -93,12 +111,16 @@ class Policy:
             ("hedge", HEDGE_MODES),
             ("hedge_student_start", HEDGE_STARTS),
             ("compile", COMPILE_MODES),
+            ("on_drift", DRIFT_ACTIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Policy.{name}={getattr(self, name)!r}; use one of {allowed}")
         if self.hedge_slack_ms is not None and not self.hedge_slack_ms >= 0:
             raise ValueError(f"Policy.hedge_slack_ms must be >= 0 or None; got {self.hedge_slack_ms!r}")
-        for name in ("hedge_after_stall_calls", "hedge_workers", "latency_window", "probe_every"):
+        if not 0.0 < self.drift_level < 1.0:
+            raise ValueError(f"Policy.drift_level must lie in (0, 1); got {self.drift_level!r}")
+        for name in ("hedge_after_stall_calls", "hedge_workers", "latency_window", "probe_every",
+                     "drift_window", "drift_check_every", "drift_horizon"):
             v = getattr(self, name)
             minimum = 0 if name in ("hedge_after_stall_calls", "probe_every") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
