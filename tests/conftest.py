@@ -59,7 +59,7 @@ def digits_system() -> DigitsSystem:
     def distill_loss(m, xb, yb):
         with torch.no_grad():
             teacher = primary(xb)[-1]  # the frozen primary's final exit
-        return hinton_loss(m(xb), teacher, yb, temperature=4.0, alpha=0.9)
+        return hinton_loss(m(xb), teacher, yb, temperature=4.0, alpha=0.7)
 
     _train(student, distill_loss, x, y, epochs=15, lr=5e-3)
     x_cal, y_cal = splits["calibration"]
