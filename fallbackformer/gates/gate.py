@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fallbackformer.gates import risk_control
-from fallbackformer.gates.scores import SCORES, compute_score
+from fallbackformer.gates.scores import SCORES, _max_softmax_eager, _tracing, compute_score
 from fallbackformer.gates.temperature import fit_temperature
 
 __all__ = ["ConfidenceGate", "METHODS", "reference_sample"]
@@ -136,7 +136,10 @@ class ConfidenceGate(nn.Module):
         """The score on temperature-scaled logits: ``[B, C] -> [B]`` float; NaN for non-finite rows."""
         if logits.dim() != 2:
             raise ValueError(f"a gate expects logits [B, C], got shape {tuple(logits.shape)}.")
-        z = logits.float() / self.temperature.to(logits.device)  # [B, C]
+        temperature = self._buffers["temperature"]  # (the hot path: no nn.Module attribute lookup)
+        if temperature.device != logits.device:
+            temperature = temperature.to(logits.device)
+        z = (logits if logits.dtype == torch.float32 else logits.float()) / temperature  # [B, C]
         if self.learned_score is not None:
             return self.learned_score(z)
         return compute_score(self.score, z)
@@ -147,10 +150,29 @@ class ConfidenceGate(nn.Module):
 
     def forward(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """``(accepted [B] bool, confidence [B] float)``."""
+        buffers = self._buffers  # (the serving hot path: no nn.Module attribute lookups)
+        temperature, thr = buffers["temperature"], buffers["threshold"]
+        device = logits.device
+        if (
+            self.score == "max_softmax"
+            and logits.dtype == torch.float32
+            and logits.dim() == 2
+            and logits.shape[1] >= 2
+            and temperature.device == device
+            and thr.device == device
+            and type(self).confidence is ConfidenceGate.confidence
+            and not _tracing()
+        ):  # confidence() inlined: the same division and max softmax, in four kernels with the test
+            conf = _max_softmax_eager(logits / temperature)  # [B]
+            return conf >= thr, conf  # NaN (a non-finite logit) is never >= thr
         conf = self.confidence(logits)  # [B]
-        thr = self.threshold.to(conf.device)
-        accepted = torch.isfinite(conf) & (conf >= thr)
-        return accepted, conf
+        if thr.device != conf.device:
+            thr = thr.to(conf.device)
+        if type(self).confidence is ConfidenceGate.confidence:
+            # Every score here is bounded (never +-inf) and NaN exactly where a logit is not
+            # finite; NaN >= threshold is False, so one comparison is "finite and >= threshold".
+            return conf >= thr, conf
+        return torch.isfinite(conf) & (conf >= thr), conf  # a subclass's score: no such promise
 
     def extra_repr(self) -> str:
         method = (self.guarantee or {}).get("method")

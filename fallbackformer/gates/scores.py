@@ -47,11 +47,31 @@ def _probs(logits: Tensor) -> tuple[Tensor, Tensor]:
     return torch.softmax(x, dim=1), finite
 
 
+def _tracing() -> bool:
+    """Under torch.compile / torch.export (the ONNX exporter) or torch.jit tracing."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def max_softmax(logits: Tensor) -> Tensor:
     """Largest softmax probability, in ``[1/C, 1]``; NaN where a logit is not finite."""
-    p, finite = _probs(logits)  # [B, C], [B]
-    s = p.max(dim=1).values  # [B]
-    return torch.where(finite, s, torch.full_like(s, float("nan")))
+    _check_logits(logits)
+    x = logits if logits.dtype == torch.float64 else logits.float()  # [B, C]
+    if _tracing():  # a graph: explicit masks, whatever the backend's NaN rules for reductions
+        p, finite = _probs(x)  # [B, C], [B]
+        s = p.max(dim=1).values  # [B]
+        return torch.where(finite, s, torch.full_like(s, float("nan")))
+    return _max_softmax_eager(x)
+
+
+def _max_softmax_eager(x: Tensor) -> Tensor:
+    """:func:`max_softmax` on float logits ``[B, C]`` in three kernels (the gate's hot path).
+
+    Bit-identical to the masked form: a finite row's softmax is the same kernel on the same
+    values; a row with NaN or +inf has a NaN softmax (``inf - inf``) and eager ``amax`` propagates
+    NaN; a row whose only non-finite logits are -inf has a finite softmax, and adding
+    ``0 * min(row)`` (``0 * -inf`` is NaN, ``0 * finite`` is 0 and ``conf + 0 == conf``) makes it NaN.
+    """
+    return torch.softmax(x, dim=1).amax(dim=1).add(x.amin(dim=1), alpha=0)  # [B]
 
 
 def margin(logits: Tensor) -> Tensor:

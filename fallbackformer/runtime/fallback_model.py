@@ -147,6 +147,7 @@ class FallbackModel(nn.Module):
         self._hedge_calls_left = 0
         self._refused_in_row = 0  # calls in a row whose primary admission refused at stage 0
         self._synced: tuple[Any, ...] | None = None
+        self._bounds: tuple[InputSpec | None, float | None, float | None] | None = None  # (spec, low, high)
         # The stage plan: names, exits, and for each stage the stages up to the next exit.
         n = len(primary.stages)
         self._stage_names = tuple(f"stage_{i}" for i in range(n))
@@ -154,7 +155,7 @@ class FallbackModel(nn.Module):
         self._units: dict[str, Callable[..., Any]] = {}
         self._segments_cache: dict[tuple[bool, ...], tuple[int, ...]] = {}
         self._no_exit = [False] * n
-        self._live_cache: tuple[tuple[Any, ...], tuple[bool, ...]] | None = None
+        self._live_cache: tuple[tuple[tuple[torch.Tensor | None, int], ...], tuple[bool, ...]] | None = None
         self._early_exits = [(s, self._exit_name[s]) for s in primary.exit_stages[:-1]]
         self._head_units = {s: f"head_{s}" for s in primary.exit_stages}
         self._profiled_units = (*self._stage_names, STUDENT_UNIT)  # predictions: stages, then student
@@ -311,12 +312,18 @@ class FallbackModel(nn.Module):
             out.confidence[routed] = float("nan")
             out.logits[routed] = float("nan")
 
-    def close(self) -> None:
-        """Stop the hedging workers (a hung primary's thread is a daemon and is left behind)."""
+    def close(self, timeout_s: float | None = 0.0) -> None:
+        """Stop the hedging workers (a hung primary's thread is a daemon and is left behind).
+
+        Args:
+            timeout_s: how long to wait for each worker to end (0: do not wait). Waiting for idle
+                workers before the interpreter exits keeps their thread teardown out of its
+                finalization.
+        """
         with self._lock:
             hedger, self._hedger = self._hedger, None
         if hedger is not None:
-            hedger.close()
+            hedger.close(timeout_s)
 
     # ------------------------------------------------------------------ policy and units
 
@@ -419,11 +426,12 @@ class FallbackModel(nn.Module):
     def _valid_indices(self, x: torch.Tensor, state: _RequestState, policy: Policy) -> torch.Tensor | None:
         """Indices of the valid samples, ``None`` when all are (the fast path: one reduction)."""
         spec = self.input_spec
-        if spec is not None and spec.value_range is not None:
-            lo, hi = spec.value_range
-            tol = 1e-3 * (hi - lo)
-            lo_hi = torch.aminmax(x)
-            if lo - tol <= float(lo_hi.min) and float(lo_hi.max) <= hi + tol:  # NaN fails both
+        bounds = self._bounds
+        if bounds is None or bounds[0] is not spec:
+            bounds = self._bounds = (spec, *_accepted_range(spec))
+        if bounds[1] is not None:
+            x_min, x_max = torch.aminmax(x)
+            if bounds[1] <= float(x_min) and float(x_max) <= bounds[2]:  # NaN fails both
                 return None
         elif bool(torch.isfinite(x).all()):
             return None
@@ -439,17 +447,25 @@ class FallbackModel(nn.Module):
 
     def _live_exits(self) -> tuple[bool, ...]:
         """Per stage: whether an exit after it can serve. The final exit always can; an early exit
-        unless its gate's threshold is +inf (then its head is not even computed)."""
-        modules = self.gates._modules
-        buffers = [getattr(modules[name], "_buffers", {}).get("threshold") for _, name in self._early_exits]
-        key = tuple((id(t), t._version) if t is not None else None for t in buffers)
+        unless its gate's threshold is +inf (then its head is not even computed).
+
+        Cached on the identity and version counter of each early gate's threshold buffer: a new gate,
+        a new buffer or an in-place change (``fill_``) recomputes it.
+        """
+        modules = self._modules["gates"]._modules  # (the hot path: no nn.Module attribute lookup)
+        buffers = [modules[name]._buffers.get("threshold") for _, name in self._early_exits]
         cached = self._live_cache
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None:
+            for t, (ct, version) in zip(buffers, cached[0]):
+                if t is not ct or (t is not None and t._version != version):
+                    break
+            else:
+                return cached[1]
         live = self._no_exit[:]
         for (i, _), threshold in zip(self._early_exits, buffers):
             live[i] = threshold is None or not math.isinf(threshold.item())
         live[-1] = True
+        key = tuple((t, t._version if t is not None else 0) for t in buffers)
         self._live_cache = (key, tuple(live))
         return self._live_cache[1]
 
@@ -489,7 +505,8 @@ class FallbackModel(nn.Module):
         Serves what the exits accept and gives every other sample a reason; sets ``state.outcome``.
         Runs on the calling thread, or on a hedging worker (then ``cancel`` is set at the deadline).
         """
-        clock, units, profile, gates = self.clock, self._units, self.profile, self.gates._modules
+        clock, units, profile = self.clock, self._units, self.profile
+        gates = self._modules["gates"]._modules  # (the hot path: no nn.Module attribute lookup)
         live = self._live_exits()
         ends = self._segment_ends(live)
         b = x.shape[0]
@@ -521,7 +538,7 @@ class FallbackModel(nn.Module):
                         if i == 0:
                             self._refused_in_row += 1  # (a lost update under threads only delays a probe)
                         return
-                    if i == 0:
+                    if i == 0 and self._refused_in_row:  # (nn.Module.__setattr__ is slow: write only a change)
                         self._refused_in_row = 0
                 if i == 0:
                     h = units[TRANSFORM_UNIT](x if active is None else x[active])
@@ -542,7 +559,7 @@ class FallbackModel(nn.Module):
                 accept, conf = gates[exit_name](logits)
                 if state.drift_scores is None:
                     state.drift_scores = conf  # the first live gate sees every sample walked
-                n_accept = int(accept.sum())
+                n_accept = int(accept.sum()) if n > 1 else int(accept.item())  # (one sync; no reduction at batch 1)
                 done_ns = clock.now_ns()
                 timings.append((name, n, (done_ns - now) / NS_PER_MS))
                 state.stage_ms.append((done_ns - now) / NS_PER_MS)
@@ -590,10 +607,11 @@ class FallbackModel(nn.Module):
             return False
         if mode == "always" or state.probe:
             return True
-        with self._lock:
-            if self._hedge_calls_left > 0:
-                self._hedge_calls_left -= 1
-                return True
+        if self._hedge_calls_left > 0:  # (an unlocked read first: the lock only when a stall was seen)
+            with self._lock:
+                if self._hedge_calls_left > 0:
+                    self._hedge_calls_left -= 1
+                    return True
         predicted = sum(self._predictions(state, n)) + policy.margin_ms
         return policy.budget_ms - predicted < policy.effective_hedge_slack_ms
 
@@ -704,7 +722,7 @@ class FallbackModel(nn.Module):
         served_by, reasons = out.served_by, out.reason
         uniform = len(served_by) == 1 or len(set(served_by)) == 1
         with self._lock:
-            self.calls += 1
+            self.__dict__["calls"] += 1  # (a plain int: skip nn.Module.__setattr__, slow on the hot path)
             if uniform:
                 self.served_counts[served_by[0]] += len(served_by)
             else:
@@ -747,6 +765,12 @@ class _RequestState:
     holds the lock, and after :meth:`freeze` (the caller answered at the deadline) the worker's
     writes are ignored.
     """
+
+    __slots__ = (
+        "b", "start_ns", "deadline_ns", "served_by", "n_served", "reason", "parts", "stage_ms", "detail",
+        "outcome", "num_classes", "p99", "p99_n", "p50", "p50_n", "probe", "primary_ms", "shared", "frozen",
+        "student_done", "drift_scores", "lock",
+    )
 
     def __init__(self, b: int, start_ns: int, deadline_ns: int) -> None:
         self.b = b
@@ -874,11 +898,13 @@ class _RequestState:
         return list(self.stage_ms)  # a list copy is atomic under the GIL
 
     def output(self, latency_ms: float, request_id: str, default_prediction: int, device: torch.device) -> FallbackOutput:
-        with self.lock:
+        with self.lock:  # after the freeze nobody writes here again: the lists can be handed out
             self.frozen = True
-            parts = list(self.parts)
-            served_by = [s if s is not None else R.DEFAULT for s in self.served_by]
-            reason = list(self.reason)
+            parts = self.parts
+            served_by = self.served_by
+            if None in served_by:
+                served_by = [s if s is not None else R.DEFAULT for s in served_by]
+            reason = self.reason
         b = self.b
         if parts and parts[0][1].is_cuda:  # made on a side stream by a hedged walk: keep them alive for ours
             current = torch.cuda.current_stream()
@@ -915,6 +941,15 @@ def _select(active: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
     """Original indices of the rows ``mask`` selects (``active`` ``None``: rows are the indices)."""
     rows = torch.nonzero(mask).flatten()
     return rows if active is None else active[rows]
+
+
+def _accepted_range(spec: InputSpec | None) -> tuple[float | None, float | None]:
+    """The raw values the spec accepts, its range widened by the tolerance of ``bad_samples``."""
+    if spec is None or spec.value_range is None:
+        return None, None
+    lo, hi = spec.value_range
+    tol = 1e-3 * (hi - lo)
+    return lo - tol, hi + tol
 
 
 def _batch_of(x: torch.Tensor, bs: int) -> torch.Tensor:

@@ -62,7 +62,7 @@ def nearest_rank(sorted_values: list[float], q: float) -> float:
     return sorted_values[k - 1]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Bucket:
     window: int
     samples: list[float] = field(default_factory=list)  # ring buffer
@@ -72,19 +72,23 @@ class _Bucket:
     prior: dict[str, float] | None = None  # {"p50", "p99", "count"} from a manifest
 
     def add(self, ms: float) -> None:
-        if len(self.samples) < self.window:
-            self.samples.append(ms)
+        samples, ordered = self.samples, self.ordered
+        if len(samples) < self.window:
+            samples.append(ms)
         else:
-            old = self.samples[self.head]
-            del self.ordered[bisect.bisect_left(self.ordered, old)]
-            self.samples[self.head] = ms
-            self.head = (self.head + 1) % self.window
-        bisect.insort(self.ordered, ms)
+            head = self.head
+            del ordered[bisect.bisect_left(ordered, samples[head])]
+            samples[head] = ms
+            self.head = (head + 1) % self.window
+        bisect.insort(ordered, ms)
         self.total += 1
 
     def recent(self) -> list[float]:
         """Samples oldest first."""
         return self.samples[self.head :] + self.samples[: self.head]
+
+
+_NO_BUCKETS: dict[int, _Bucket] = {}
 
 
 class LatencyProfile:
@@ -130,10 +134,13 @@ class LatencyProfile:
         for stage, _, ms in samples:
             if not (ms >= 0.0 and ms < math.inf):
                 raise ValueError(f"latency of stage {stage!r} must be a finite number >= 0 ms; got {ms!r}")
+        buckets = self._buckets
         with self._lock:
             for stage, batch_size, ms in samples:
                 b = 1 << (batch_size - 1).bit_length() if batch_size > 0 else batch_bucket(batch_size)
-                stage_buckets = self._buckets.setdefault(stage, {})
+                stage_buckets = buckets.get(stage)
+                if stage_buckets is None:
+                    stage_buckets = buckets[stage] = {}
                 bucket = stage_buckets.get(b)
                 if bucket is None:
                     bucket = stage_buckets[b] = _Bucket(self.window)
@@ -194,8 +201,16 @@ class LatencyProfile:
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"quantile q must be in [0, 1]; got {q!r}")
         b = batch_bucket(batch_size)
+        buckets, min_samples, out = self._buckets, self.min_samples, []
         with self._lock:
-            return [self._predict_locked(s, b, default, q) for s in stages]
+            for s in stages:  # the common case (a bucket with enough live samples) inlined
+                bucket = buckets.get(s, _NO_BUCKETS).get(b)
+                if bucket is not None and len(bucket.ordered) >= min_samples:
+                    ordered = bucket.ordered
+                    out.append(ordered[max(1, math.ceil(q * len(ordered))) - 1])
+                else:
+                    out.append(self._predict_locked(s, b, default, q))
+        return out
 
     def predict_p99_sum(self, stages: Sequence[str], batch_size: int, default: float = 0.0) -> float:
         """Sum of :meth:`predict_p99` over ``stages`` (one lock).

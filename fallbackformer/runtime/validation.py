@@ -59,6 +59,9 @@ def check_batch(x: Any, spec: InputSpec | None) -> torch.Tensor:
         if x.dim() < 1 or x.shape[0] == 0:
             raise InvalidInputError(f"input must be a non-empty batch [B, ...]; got shape {tuple(x.shape)}")
         return x
+    shape, target = x.shape, _DTYPES.get(spec.dtype)
+    if x.dtype == target and shape[1:] == spec.shape and len(shape) == len(spec.shape) + 1 and shape[0] > 0:
+        return x  # the common case, in as few steps as possible; anything else gets the checks below
     expected = (len(spec.shape) + 1)
     if x.dim() == len(spec.shape) and tuple(x.shape) == spec.shape:
         raise InvalidInputError(
@@ -78,8 +81,19 @@ def check_batch(x: Any, spec: InputSpec | None) -> torch.Tensor:
                 f"input dtype {x.dtype} is not floating; expected {spec.dtype}. Convert it: x.float()"
             )
         raise InvalidInputError(f"input dtype {x.dtype} is not supported; expected {spec.dtype}")
-    target = getattr(torch, spec.dtype)
+    target = _dtype(spec.dtype)
     return x if x.dtype == target else x.to(target)
+
+
+_DTYPES: dict[str, torch.dtype] = {}
+
+
+def _dtype(name: str) -> torch.dtype:
+    """``getattr(torch, name)``, memoised."""
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        dtype = _DTYPES[name] = getattr(torch, name)
+    return dtype
 
 
 def bad_samples(x: torch.Tensor, spec: InputSpec | None) -> torch.Tensor:
