@@ -12,11 +12,21 @@ Layout (``FORMAT_VERSION`` 1)::
 ``manifest.json`` holds the format version, the fallbackformer and torch versions, the registry
 name and kwargs of the primary and the student, the input spec, the class names, the policy, the
 gates (``ConfidenceGate.to_config()``: temperature, threshold, score, guarantee with alpha, delta,
-method and calibration size), the served_by code table, the evaluation summary, the acceptable
-degradation and sign-off, the sha256 of every file, and ``manifest_sha256``: the sha256 of the
-manifest's canonical JSON (sorted keys, no whitespace) without that field. A changed threshold,
-temperature or policy is caught like a changed weight. The digest catches edits and corruption; it
-is not a signature: to authenticate a bundle, sign ``manifest_sha256`` with your own key.
+method and calibration size), the served_by code table, the latency profile, the evaluation
+summary, the acceptable degradation and sign-off, the sha256 of every file, and ``manifest_sha256``:
+the sha256 of the manifest's canonical JSON (sorted keys, no whitespace) without that field. A changed
+threshold, temperature, policy or latency profile is caught like a changed weight. The digest catches
+edits and corruption; it is not a signature: to authenticate a bundle, sign ``manifest_sha256`` with
+your own key.
+
+The latency profile (``latency_profile``: :meth:`LatencyProfile.to_dict` of ``model.profile``, the
+p50/p99 per stage and batch-size bucket) is a *prior from the machine that saved the bundle*: the
+loaded model's admission check reads it until live samples arrive, so the first calls are not
+admitted blind. Timings from another machine (another CPU, another load, another backend) can be
+far off: call ``model.warm_up(x)`` on the serving machine before serving; its live samples replace
+the prior in every stage and bucket it measures (once a bucket holds ``min_samples`` of them), and
+every served call keeps updating them. A manifest without the field (older bundles) loads with a
+fresh, empty profile.
 
 >>> path = save(model, "checkpoints/digits")      # doctest: +SKIP
 >>> model = load("checkpoints/digits")            # doctest: +SKIP
@@ -216,6 +226,9 @@ def save(
             ``load(path, backend="onnxruntime")`` works. Needs onnx and onnxscript; adds seconds.
         example_input: a raw batch for tracing when ``onnx`` is set (default: from the input spec).
 
+    The manifest records ``model.profile`` (per-stage p50/p99 by batch bucket; warm the model up
+    first to have one): a prior for the loading machine, not a promise about it.
+
     Returns:
         The bundle folder.
 
@@ -247,6 +260,7 @@ def save(
         "paths": list(model.path_names),
         "gates": {name: _json_safe(model.gates[name].to_config(), f"gate {name}") for name in model.path_names},
         "served_by_codes": served_by_codes(model.path_names),
+        "latency_profile": _json_safe(model.profile.to_dict(), "latency_profile"),
         "evaluation": _json_safe(dict(evaluation), "evaluation") if evaluation is not None else None,
         "degradation": _json_safe(dict(degradation), "degradation") if degradation is not None else None,
     }
@@ -421,7 +435,9 @@ def load(
             default: onnxruntime's choice).
 
     Returns:
-        A :class:`FallbackModel` in eval mode; ``model.model_hashes`` holds the files' sha256.
+        A :class:`FallbackModel` in eval mode; ``model.model_hashes`` holds the files' sha256 and
+        ``model.profile`` the saved latency profile as priors (call ``model.warm_up(x)`` on this
+        machine before serving: its live timings replace them).
 
     Raises:
         BundleError: for a missing file, a changed file, an edited manifest, an unknown format
@@ -430,6 +446,7 @@ def load(
     """
     from fallbackformer.gates.gate import ConfidenceGate
     from fallbackformer.runtime.fallback_model import FallbackModel
+    from fallbackformer.runtime.latency import LatencyProfile
     from fallbackformer.runtime.validation import InputSpec
 
     if backend not in BACKENDS:
@@ -446,6 +463,14 @@ def load(
         student = load_weights(path, manifest, "student")
     gates = {name: ConfidenceGate.from_config(cfg) for name, cfg in manifest["gates"].items()}
     spec = manifest.get("input_spec")
+    saved_profile = manifest.get("latency_profile")
+    try:  # the saving machine's timings, as priors (see the module docstring); absent: a fresh profile
+        profile = LatencyProfile.from_dict(saved_profile) if saved_profile is not None else None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise BundleError(
+            f"{path / MANIFEST} has a latency_profile this fallbackformer cannot read ({exc}); load the "
+            "bundle with the fallbackformer version that wrote it, or re-save it with this one"
+        ) from None
     model = FallbackModel(
         primary,
         student,
@@ -455,6 +480,7 @@ def load(
         clock=clock,
         sinks=sinks,
         class_names=manifest.get("class_names"),
+        profile=profile,
     )
     if list(model.path_names) != list(manifest["paths"]):
         raise BundleError(
