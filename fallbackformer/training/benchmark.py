@@ -5,7 +5,9 @@
 
 ``overhead``   the wrapper on the primary path against the bare primary (its stages and final head),
                batch 1 and 64: ``ratio_b1``, ``ratio_b64`` (goal: ``ratio_b1 <= 1.05`` for a primary
-               of about 1 ms), plus the ratio with the hard deadline on (``hedge="always"``).
+               of about 1 ms), plus the ratio with the hard deadline on (``hedge="always"``), and two
+               references: the final gate alone (``ratio_gate_only``) and the floor (``ratio_floor``:
+               the tensor work of any validated, gated answer, without the runtime's bookkeeping).
 ``deadline``   a primary that stalls on some calls: fallbackformer (hedged) against a naive
                ``concurrent.futures`` timeout wrapper (``naive_timeout``) and the bare primary
                (``no_wrapper``): p50/p99/p99.9/max latency and misses (answers after budget + 5 ms).
@@ -15,7 +17,12 @@
                agrees with the full primary) as the limit. Goal: ``compute_saved >= 0.5`` at
                ``accuracy_drop_pt <= 0.5`` on digits.
 ``compile``    eager against ``torch.compile`` per module, as ``compile="auto"`` decides at warm-up.
-``onnxruntime`` a slot the export side fills: see :data:`SECTION_PROVIDERS` and :func:`register_section`.
+``onnxruntime`` onnxruntime against the PyTorch runtime (eager), batch 1 and 64, at a fixed thread
+               count: each combined graph (``where``, ``cond``) in one session, and the bundle loaded
+               with ``backend="onnxruntime"`` (the same runtime, stages in onnxruntime); ratios are
+               onnxruntime time / torch time, and decisions (prediction, served_by) must be identical.
+
+More sections: :data:`SECTION_PROVIDERS` and :func:`register_section`.
 
 The machine is noisy (shared cores): every comparison interleaves its contenders round by round and
 reports medians of per-round figures; ratios are medians of per-round ratios.
@@ -63,7 +70,7 @@ __all__ = [
 
 #: Sections implemented outside this module: ``name -> "module:function"``; the function takes the
 #: :class:`BenchmarkContext` and returns a JSON-able dict (rendered as a key/value table).
-SECTION_PROVIDERS: dict[str, str] = {"onnxruntime": "fallbackformer.export.ort_backend:benchmark_section"}
+SECTION_PROVIDERS: dict[str, str] = {}
 _REGISTERED: dict[str, Callable[[BenchmarkContext], dict[str, Any]]] = {}
 
 
@@ -176,6 +183,15 @@ def _median_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
+def _ratio_quartiles(num: list[float], den: list[float]) -> list[float]:
+    """The 25th and 75th percentiles of the per-round ratios: the spread a reader should expect."""
+    ratios = sorted(a / b for a, b in zip(num, den))
+    if len(ratios) < 2:
+        return [ratios[0], ratios[0]]
+    q = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [q[0], q[2]]
+
+
 def _bare(primary: MultiExitNet) -> Callable[[Tensor], Tensor]:
     """The primary as one would serve it without fallbackformer: its stages and final head."""
     last = primary.exit_stages[-1]
@@ -231,6 +247,20 @@ def bench_overhead(ctx: BenchmarkContext) -> dict[str, Any]:
     def bare_gated(x: Tensor) -> Any:  # what any gated answer costs: the final gate's confidence
         return final_gate(bare(x))
 
+    lo, hi = DIGITS_INPUT.value_range  # type: ignore[misc]
+    tol = 1e-3 * (hi - lo)
+
+    def floor(x: Tensor) -> Any:
+        """The tensor work of any validated, gated answer and nothing else: the input range check
+        (one reduction, two syncs), the primary, the final gate, the decision's sync, the argmax."""
+        x_min, x_max = torch.aminmax(x)
+        if not (lo - tol <= float(x_min) and float(x_max) <= hi + tol):
+            raise ValueError("benchmark input out of range")
+        logits = bare(x)
+        accept, conf = final_gate(logits)
+        n_accept = int(accept.sum()) if accept.shape[0] > 1 else int(accept.item())
+        return logits.argmax(dim=1), conf, n_accept
+
     out: dict[str, Any] = {"primary": f"digits_cnn_exits width={width}", "rounds": rounds, "inner": inner}
     with torch.inference_mode():
         for b in (1, 64):
@@ -241,6 +271,7 @@ def bench_overhead(ctx: BenchmarkContext) -> dict[str, Any]:
                 {
                     "bare": lambda: bare(x),
                     "bare_gate": lambda: bare_gated(x),
+                    "floor": lambda: floor(x),
                     "wrapper": lambda: default(x),
                     "hedged": lambda: hedged(x),
                 },
@@ -251,11 +282,13 @@ def bench_overhead(ctx: BenchmarkContext) -> dict[str, Any]:
             out[f"wrapper_b{b}_ms"] = statistics.median(times["wrapper"])
             out[f"hedged_b{b}_ms"] = statistics.median(times["hedged"])
             out[f"ratio_b{b}"] = _median_ratio(times["wrapper"], times["bare"])
+            out[f"ratio_b{b}_iqr"] = _ratio_quartiles(times["wrapper"], times["bare"])
             out[f"ratio_hedged_b{b}"] = _median_ratio(times["hedged"], times["bare"])
             out[f"ratio_gate_only_b{b}"] = _median_ratio(times["bare_gate"], times["bare"])
+            out[f"ratio_floor_b{b}"] = _median_ratio(times["floor"], times["bare"])
     out["goal_ratio_b1"] = 1.05
     out["goal_met"] = out["ratio_b1"] <= 1.05
-    hedged.close()
+    hedged.close(timeout_s=5.0)  # joined: a worker thread ending during interpreter exit can abort it
     return out
 
 
@@ -337,7 +370,7 @@ def bench_deadline(ctx: BenchmarkContext) -> dict[str, Any]:
             "reasons": stats["reasons"],
             "hedge": stats.get("hedge"),
         }
-        model.close()
+        model.close(timeout_s=5.0)
 
         # naive: primary on a thread pool, student on timeout
         stalled = _stalling(primary, stall_ms, pattern)
@@ -528,6 +561,65 @@ def bench_compile(ctx: BenchmarkContext) -> dict[str, Any]:
     }
 
 
+def bench_onnxruntime(ctx: BenchmarkContext) -> dict[str, Any]:
+    """onnxruntime against the PyTorch runtime (eager) at batch 1 and 64: ratios and decision parity.
+
+    The trained system is saved as a bundle with its ONNX graphs (``ff.save(model, tmp, onnx=True)``),
+    then timed by :func:`fallbackformer.export.onnxruntime_vs_torch` ``rounds`` times: the combined
+    graphs (``variants``) in one session each and the bundle loaded with ``backend="onnxruntime"``
+    (``ort_threads=threads``), torch at the same thread count. Figures are medians over the rounds,
+    with the spread (min, max) of each ratio.
+    """
+    cfg = ctx.section("onnxruntime")
+    repeats, rounds = int(_get(cfg, "repeats", 30)), int(_get(cfg, "rounds", 3))
+    threads = int(_get(cfg, "threads", 1))
+    variants = tuple(str(v) for v in _get(cfg, "variants", ["where", "cond"]))
+    backend = bool(_get(cfg, "backend", True))
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:  # say so, do not fail the run
+        return {"status": f"onnxruntime or onnxscript not installed ({exc.name}): pip install onnxruntime onnxscript"}
+    import tempfile
+
+    import fallbackformer as ff
+    from fallbackformer.export.onnx_export import export_onnx, onnxruntime_vs_torch
+    from fallbackformer.training.pipeline import DIGITS_INPUT
+
+    system = ctx.system
+    model = FallbackModel(system["primary"], system["student"], list(system["gates"]), Policy(),
+                          input_spec=DIGITS_INPUT).eval()
+    x_test = system["splits"]["test"][0]
+    x_b1, x_b64 = x_test[:1], _tile(x_test, 64)
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = ff.save(model, Path(tmp) / "bundle", onnx=True)  # model.onnx is the "where" graph
+        paths = {v: (bundle / "model.onnx" if v == "where" else export_onnx(model, Path(tmp) / f"{v}.onnx", variant=v))
+                 for v in variants}
+        backend_model = ff.load(bundle, backend="onnxruntime", ort_threads=threads) if backend else None
+        for _ in range(rounds):
+            runs.append(onnxruntime_vs_torch(model, x_b1, x_b64, repeats=repeats, variants=variants,
+                                             onnx_paths=paths, backend_model=backend_model, threads=threads))
+    out: dict[str, Any] = {"threads": threads, "repeats": repeats, "rounds": rounds,
+                           "torch_ms": {b: statistics.median(r["torch_ms"][b] for r in runs) for b in ("b1", "b64")}}
+    for name in [f"onnx_{v}" for v in variants] + (["ort_backend"] if backend else []):
+        rows = [r[name] for r in runs]
+        out[name] = {
+            "ms": {b: statistics.median(r["ms"][b] for r in rows) for b in ("b1", "b64")},
+            "ratio": {b: statistics.median(r["ratio"][b] for r in rows) for b in ("b1", "b64")},
+            "ratio_spread": {b: [min(r["ratio"][b] for r in rows), max(r["ratio"][b] for r in rows)] for b in ("b1", "b64")},
+            "decisions_identical": all(r["decisions_identical"] for r in rows),
+        }
+    out["decisions_identical"] = all(out[k]["decisions_identical"] for k in out if isinstance(out[k], dict) and "ms" in out[k])
+    return out
+
+
+def _tile(x: Tensor, n: int) -> Tensor:
+    """``x`` cut or repeated to ``n`` samples."""
+    reps = -(-n // x.shape[0])
+    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n]
+
+
 def _external_section(name: str, ctx: BenchmarkContext) -> dict[str, Any]:
     fn = _REGISTERED.get(name)
     if fn is None:
@@ -547,6 +639,7 @@ SECTIONS: dict[str, Callable[[BenchmarkContext], dict[str, Any]]] = {
     "deadline": bench_deadline,
     "early_exit": bench_early_exit,
     "compile": bench_compile,
+    "onnxruntime": bench_onnxruntime,
 }
 
 
@@ -600,6 +693,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _fmt_range(r: Any) -> str:
+    return "" if not r else f"{r[0]:.3f}-{r[1]:.3f}"
+
+
 def _table(rows: list[list[Any]], header: list[str]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
@@ -627,16 +724,21 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> None:
         lines += ["## Overhead (wrapper on the primary path vs the bare primary)", ""]
         if "ratio_b1" in o:
             lines += _table(
-                [[b, o[f"bare_b{b}_ms"], o[f"wrapper_b{b}_ms"], o[f"ratio_b{b}"], o[f"hedged_b{b}_ms"], o[f"ratio_hedged_b{b}"]] for b in (1, 64)],
-                ["batch", "bare ms", "wrapper ms", "ratio", "hedged ms", "ratio hedged"],
+                [[b, o[f"bare_b{b}_ms"], o[f"wrapper_b{b}_ms"], o[f"ratio_b{b}"], _fmt_range(o.get(f"ratio_b{b}_iqr")),
+                  o[f"hedged_b{b}_ms"], o[f"ratio_hedged_b{b}"]] for b in (1, 64)],
+                ["batch", "bare ms", "wrapper ms", "ratio", "ratio IQR (rounds)", "hedged ms", "ratio hedged"],
             )
             lines += [
                 "",
                 f"Primary: {o['primary']}. Goal ratio_b1 <= 1.05: **{_fmt(o['goal_met'])}** (ratio_b1 = "
                 f"{o['ratio_b1']:.3f}). The final gate alone (the calibrated confidence every answer reports) "
                 f"takes the bare primary to {o['ratio_gate_only_b1']:.3f} at batch 1 and "
-                f"{o['ratio_gate_only_b64']:.3f} at batch 64; the rest is validation, timing, admission and "
-                "bookkeeping. 'hedged' is the hard deadline on (hedge=\"always\": a thread hand-off per call).",
+                f"{o['ratio_gate_only_b64']:.3f} at batch 64. The floor, the tensor work of any validated, "
+                "gated answer and nothing else (the input range check, the final gate, the decision's sync, the "
+                f"argmax), takes it to {o.get('ratio_floor_b1', float('nan')):.3f} and "
+                f"{o.get('ratio_floor_b64', float('nan')):.3f}; the rest is the runtime's Python: timing, "
+                "admission, the latency profile, output assembly and counters. 'hedged' is the hard deadline "
+                "on (hedge=\"always\": a thread hand-off per call).",
                 "",
             ]
         else:
@@ -703,8 +805,32 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> None:
                       f"{c['model_auto_ms']:.3f} ms (speedup {c['speedup_auto']:.3f}); warm-up {c['warm_up_s']:.1f} s.", ""]
         else:
             lines += [_fmt(c), ""]
+    if "onnxruntime" in results:
+        r = results["onnxruntime"]
+        lines += ["## onnxruntime (against the PyTorch runtime, eager)", ""]
+        if "torch_ms" in r:
+            t = r["torch_ms"]
+            rows = [["torch eager (runtime)", t["b1"], t["b64"], 1.0, 1.0, "(reference)"]]
+            for name, label in [("onnx_where", "combined graph, where"), ("onnx_cond", "combined graph, cond"),
+                                ("ort_backend", "bundle, backend=\"onnxruntime\"")]:
+                if name in r:
+                    row = r[name]
+                    spread = row["ratio_spread"]
+                    rows.append([label, row["ms"]["b1"], row["ms"]["b64"],
+                                 f"{row['ratio']['b1']:.3g} ({spread['b1'][0]:.3g}-{spread['b1'][1]:.3g})",
+                                 f"{row['ratio']['b64']:.3g} ({spread['b64'][0]:.3g}-{spread['b64'][1]:.3g})",
+                                 row["decisions_identical"]])
+            lines += _table(rows, ["engine", "b1 ms", "b64 ms", "ratio b1 (spread)", "ratio b64 (spread)",
+                                   "decisions identical"])
+            lines += ["", f"{r['threads']} thread(s) on both sides; median of {r['repeats']} calls after 3 warm-up "
+                      f"calls, medians over {r['rounds']} rounds (spread: min-max of the rounds). Ratio = onnxruntime "
+                      "time / torch time (below 1: onnxruntime is faster). The deadline is lifted on both sides so "
+                      "every call does the full work; decisions (prediction and served_by, batch 1 and 64) "
+                      f"identical everywhere: **{_fmt(r['decisions_identical'])}**.", ""]
+        else:
+            lines += [_fmt(r), ""]
     for name, value in results.items():
-        if name in ("machine", "config", "overhead", "deadline", "early_exit", "compile"):
+        if name in ("machine", "config", "overhead", "deadline", "early_exit", "compile", "onnxruntime"):
             continue
         lines += [f"## {name}", ""]
         lines += _table([[k, v] for k, v in value.items()], ["figure", "value"]) if isinstance(value, dict) else [_fmt(value)]
@@ -739,7 +865,7 @@ def run_benchmark(cfg: Any, system: dict[str, Any] | None = None) -> tuple[dict[
         if system is not None:
             ctx._system = system
         results: dict[str, Any] = {"machine": machine}
-        for name in list(_get(ctx.cfg, "sections", list(SECTIONS) + ["onnxruntime"])):
+        for name in list(_get(ctx.cfg, "sections", list(SECTIONS))):
             t0 = time.perf_counter()
             log.info("benchmark section %s", name)
             results[name] = SECTIONS[name](ctx) if name in SECTIONS else _external_section(name, ctx)

@@ -17,6 +17,7 @@ def test_benchmark_sections_on_tiny_settings(digits_system, tmp_path: Path) -> N
             "overhead": {"width": 8, "rounds": 2, "inner": 3},
             "deadline": {"budget_ms": 20.0, "calls": 30, "stall_probability": 0.2, "stall_ms": 60.0, "margin_ms": 1.0},
             "early_exit": {"rounds": 1, "inner": 2, "b1_samples": 3, "alpha_sweep": [0.05]},
+            "onnxruntime": {"variants": ["where"], "backend": True, "threads": 1, "repeats": 2, "rounds": 1},
         },
     }
     system = {
@@ -39,6 +40,8 @@ def test_benchmark_sections_on_tiny_settings(digits_system, tmp_path: Path) -> N
     assert saved["machine"]["torch"] and saved["machine"]["cpu"]
     o = results["overhead"]
     assert o["ratio_b1"] > 0 and o["ratio_b64"] > 0 and "goal_met" in o
+    assert o["ratio_floor_b1"] > 0 and o["ratio_floor_b64"] > 0 and o["ratio_gate_only_b1"] > 0
+    assert o["ratio_b1_iqr"][0] <= o["ratio_b1"] <= o["ratio_b1_iqr"][1]
     d = results["deadline"]
     for variant in ("fallbackformer", "naive_timeout", "no_wrapper"):
         assert {"p50_ms", "p99_ms", "p999_ms", "max_ms", "misses"} <= set(d[variant])
@@ -48,7 +51,17 @@ def test_benchmark_sections_on_tiny_settings(digits_system, tmp_path: Path) -> N
     assert 0.0 <= e["compute_saved"] <= e["oracle_compute_saved"] + 1e-9 <= 1.0 + 1e-9
     assert abs(e["compute_saved"] - e["compute_saved_measured"]) < 0.02  # per-sample count vs measured FLOPs
     assert e["flops_check_rel_err"] < 1e-6 and len(e["alpha_sweep"]) == 1
+    r = results["onnxruntime"]
+    assert set(r) >= {"torch_ms", "onnx_where", "ort_backend", "decisions_identical"} and "onnx_cond" not in r
+    for row in ("onnx_where", "ort_backend"):
+        for b in ("b1", "b64"):
+            assert r[row]["ms"][b] > 0 and r[row]["ratio"][b] > 0
+            lo, hi = r[row]["ratio_spread"][b]
+            assert lo <= r[row]["ratio"][b] <= hi
+        assert r[row]["decisions_identical"] is True  # the same answers, whatever the engine
+    assert saved["onnxruntime"]["ort_backend"]["ratio"] == r["ort_backend"]["ratio"]
     assert results["custom"] == {"answer": 42, "cores": saved["machine"]["logical_cores"]}
     md = (tmp_path / "BENCHMARKS.md").read_text()
     for heading in ("## Overhead", "## Deadline", "## Early exits", "## onnxruntime", "## custom"):
         assert heading in md
+    assert "bundle, backend=\"onnxruntime\"" in md and "not available" not in md
