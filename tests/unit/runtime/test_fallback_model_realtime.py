@@ -71,7 +71,7 @@ def test_a_primary_that_stalls_on_one_call_in_ten_for_ten_budgets() -> None:
         # stalls were cut at the deadline; while both workers sat in stalls, calls fell back at once
         assert hedge["timeouts"] >= 1 and hedge["workers"] == 2 and hedge["refused"] > 0
     finally:
-        model.close()
+        model.close(timeout_s=5.0)  # let stalled workers finish before the interpreter exits
 
 
 def test_a_primary_that_hangs_forever() -> None:
@@ -85,4 +85,4 @@ def test_a_primary_that_hangs_forever() -> None:
         assert hedge["busy_workers"] == 2 and hedge["refused"] >= CALLS - 110  # no pile-up behind the hang
     finally:
         stage.release()
-        model.close()
+        model.close(timeout_s=5.0)  # the released workers finish their walk before the interpreter exits
