@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +55,7 @@ from torch import Tensor, nn
 from fallbackformer.evaluation import metrics as M
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.runtime import reasons as R
+from fallbackformer.runtime.clock import median_ms
 from fallbackformer.runtime.fallback_model import FallbackModel
 
 __all__ = [
@@ -252,14 +251,7 @@ def measure_stage_latency(model: FallbackModel, example: Tensor, reps: int = 30,
     out: dict[str, float] = {}
 
     def timed(fn: Any) -> float:
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter_ns()
-            fn()
-            samples.append((time.perf_counter_ns() - t0) / 1e6)
-        return statistics.median(samples)
+        return median_ms(fn, reps, warmup)
 
     for i, stage in enumerate(primary.stages):
         head = primary.head(i) if i in primary.exit_stages else None

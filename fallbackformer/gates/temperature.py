@@ -189,7 +189,6 @@ def classwise_ece(logits: Tensor, labels: Tensor, n_bins: int = 15) -> float:
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     idx = torch.bucketize(p, edges[1:-1], right=False)  # [M, C]
     flat = (idx + n_bins * torch.arange(c)).flatten()  # a bin per (class, bin)
-    count = torch.zeros(c * n_bins, dtype=torch.float64).index_add_(0, flat, torch.ones(m * c, dtype=torch.float64))
     sum_p = torch.zeros(c * n_bins, dtype=torch.float64).index_add_(0, flat, p.flatten())
     sum_y = torch.zeros(c * n_bins, dtype=torch.float64).index_add_(0, flat, onehot.flatten())
     per_class = ((sum_y - sum_p).abs() / m).reshape(c, n_bins).sum(dim=1)  # sum_b |B|/M |acc - conf|

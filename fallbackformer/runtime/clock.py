@@ -32,6 +32,7 @@ How a :class:`FakeClock` keeps concurrent tests deterministic (discrete-event ti
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -70,6 +71,18 @@ class Clock(Protocol):
 def ms_since(clock: Clock, start_ns: int) -> float:
     """Milliseconds elapsed on ``clock`` since ``start_ns``."""
     return (clock.now_ns() - start_ns) / NS_PER_MS
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, discard: int = 0) -> float:
+    """Median real wall time (ms) of ``fn()`` over ``repeats`` calls, after ``discard`` untimed ones."""
+    for _ in range(discard):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        fn()
+        samples.append((time.perf_counter_ns() - t0) / NS_PER_MS)
+    return statistics.median(samples)
 
 
 def _ms_to_ns(ms: float) -> int:

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import statistics
 import threading
 import time
 import uuid
@@ -44,7 +43,7 @@ from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
-from fallbackformer.runtime.clock import NS_PER_MS, Clock, MonotonicClock
+from fallbackformer.runtime.clock import NS_PER_MS, Clock, MonotonicClock, median_ms
 from fallbackformer.runtime.events import EventSink, FallbackEvent
 from fallbackformer.runtime.hedging import Hedger, HedgeStatus
 from fallbackformer.runtime.latency import LatencyProfile
@@ -378,10 +377,10 @@ class FallbackModel(nn.Module):
         inputs = self._unit_inputs(x)
         for name, module in self._modules_by_unit().items():
             inp = inputs[name]
-            eager_ms = _median_ms(lambda: module(inp), repeats, discard)
+            eager_ms = median_ms(lambda: module(inp), repeats, discard)
             try:
                 compiled = self.compile_fn(module)
-                compiled_ms = _median_ms(lambda: compiled(inp), repeats, discard)
+                compiled_ms = median_ms(lambda: compiled(inp), repeats, discard)
             except Exception as exc:  # a module torch.compile cannot handle stays eager
                 self.compile_report[name] = {"eager_ms": eager_ms, "error": f"{type(exc).__name__}: {exc}"[:200], "choice": "eager"}
                 continue
@@ -958,17 +957,6 @@ def _batch_of(x: torch.Tensor, bs: int) -> torch.Tensor:
         return x[:bs]
     reps = -(-bs // x.shape[0])
     return x.repeat(reps, *([1] * (x.dim() - 1)))[:bs]
-
-
-def _median_ms(fn: Callable[[], Any], repeats: int, discard: int) -> float:
-    for _ in range(discard):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter_ns()
-        fn()
-        samples.append((time.perf_counter_ns() - t0) / NS_PER_MS)
-    return statistics.median(samples)
 
 
 def _torch_compile(module: nn.Module) -> Callable[..., Any]:

@@ -10,7 +10,6 @@ import torch
 
 from fallbackformer.export.onnx_export import (
     check_onnx_parity,
-    export_onnx,
     onnxruntime_vs_torch,
     ort_session,
     run_onnx,
