@@ -29,7 +29,7 @@ Two variants:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -181,16 +181,21 @@ class CombinedGraph(nn.Module):
             logits = self.heads[str(i)](h)  # [B, C]
             if state is None:
                 state = self._initial_state(x, logits)
-            accepted, conf, finite = self._decide(k, logits)
-            take = alive & accepted
-            state = self._take(take, k, logits, conf, state)
-            if k == last:
-                to_student = to_student | (alive & ~take)
-            else:
-                to_student = to_student | (alive & ~finite)
-                alive = alive & ~accepted & finite
+            alive, to_student, state = self._after_exit(k, k == last, logits, alive, to_student, state)
             k += 1
         return self._run_student(x, to_student, state)
+
+    def _after_exit(
+        self, k: int, is_last: bool, logits: Tensor, alive: Tensor, to_student: Tensor, state: Any
+    ) -> tuple[Tensor, Tensor, Any]:
+        """Exit ``k``: serve what its gate accepts among the samples still waiting (``alive``);
+        non-finite rows, and at the last exit every rejected row, go to the student."""
+        accepted, conf, finite = self._decide(k, logits)
+        take = alive & accepted
+        state = self._take(take, k, logits, conf, state)
+        if is_last:
+            return alive, to_student | (alive & ~take), state
+        return alive & ~accepted & finite, to_student | (alive & ~finite), state
 
     def _forward_cond(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # A flat sequence of conds (one per segment of stages between exits, one for the student),
@@ -215,14 +220,7 @@ class CombinedGraph(nn.Module):
                 )
             if state is None:
                 state = self._initial_state(x, logits)
-            accepted, conf, finite = self._decide(k, logits)
-            take = alive & accepted
-            state = self._take(take, k, logits, conf, state)
-            if k == last:
-                to_student = to_student | (alive & ~take)
-            else:
-                to_student = to_student | (alive & ~finite)
-                alive = alive & ~accepted & finite
+            alive, to_student, state = self._after_exit(k, k == last, logits, alive, to_student, state)
         c_student = self.segment_shapes[-1][1]
 
         def run_student(x: Tensor) -> Tensor:
