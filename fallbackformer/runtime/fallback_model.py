@@ -647,8 +647,11 @@ class FallbackModel(nn.Module):
             state.add_detail("hedge workers busy")
             state.primary_ms = (clock.now_ns() - t0) / NS_PER_MS
             return _BUSY
-        if ticket.wait(student_at).status != HedgeStatus.TIMEOUT:
+        first = ticket.wait(student_at)
+        if first.status != HedgeStatus.TIMEOUT:
             state.primary_ms = (clock.now_ns() - t0) / NS_PER_MS
+            if first.status == HedgeStatus.ERROR:  # a fault outside the walk's own handler (BaseException)
+                return self._worker_error(first.error, valid, state, x.device)
             return state.outcome or _OK  # the caller serves the rest with the student
         # The primary is not done: compute the student now for everything not served yet.
         candidates = state.unserved(valid, x.device)
@@ -661,8 +664,14 @@ class FallbackModel(nn.Module):
             hedger = self._hedger
             if hedger is not None:
                 hedger.note_timeout()
-            state.set_reason(state.unserved(valid, x.device), R.DEADLINE_EXCEEDED, b, caller=True, only_unset=True)
-            outcome = _TIMEOUT
+            rest = state.unserved(valid, x.device)
+            if rest is None:  # the walk served every valid sample; only its bookkeeping ran late
+                outcome = state.outcome or _OK
+            else:
+                state.set_reason(rest, R.DEADLINE_EXCEEDED, b, caller=True, only_unset=True)
+                outcome = _TIMEOUT
+        elif result.status == HedgeStatus.ERROR:
+            outcome = self._worker_error(result.error, valid, state, x.device)
         else:
             outcome = state.outcome or _OK
         state.primary_ms = (clock.now_ns() - t0) / NS_PER_MS
@@ -672,6 +681,16 @@ class FallbackModel(nn.Module):
             state.serve_student(idx, logits, still & accept, conf, b)
         state.student_done = True
         return outcome
+
+    def _worker_error(
+        self, error: BaseException | None, valid: torch.Tensor | None, state: _RequestState, device: torch.device
+    ) -> str:
+        """A hedging worker died outside the walk's handler: the unserved samples fall back with a record."""
+        rest = state.unserved(valid, device)
+        if rest is not None:
+            state.set_reason(rest, R.PRIMARY_ERROR, state.b, caller=True, only_unset=True)
+        state.add_detail(f"hedge worker {type(error).__name__}: {error}"[:200])
+        return _ERROR
 
     def _after_primary(self, outcome: str, duration_ms: float, policy: Policy) -> None:
         """Report the primary's outcome to the breaker and the stall detector."""
