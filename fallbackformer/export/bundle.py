@@ -354,6 +354,17 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _onnx_files(section: Any) -> list[str]:
+    """Every file path named in the manifest's ``onnx`` section (strings at any depth, but the variant)."""
+    if isinstance(section, str):
+        return [section] if section.endswith(".onnx") else []
+    if isinstance(section, Mapping):
+        return [f for v in section.values() for f in _onnx_files(v)]
+    if isinstance(section, (list, tuple)):
+        return [f for v in section for f in _onnx_files(v)]
+    return []
+
+
 def verify_files(path: str | Path, manifest: Mapping[str, Any]) -> dict[str, str]:
     """Check every file the manifest lists against its sha256; return ``{file: sha256}``.
 
@@ -364,7 +375,8 @@ def verify_files(path: str | Path, manifest: Mapping[str, Any]) -> dict[str, str
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{path / MANIFEST} lists no files; re-save the bundle with ff.save")
-    needed = [m["file"] for m in manifest["models"].values()]
+    # Every file the manifest makes load must be hashed: the weights and the ONNX graphs it names.
+    needed = [m["file"] for m in manifest["models"].values()] + _onnx_files(manifest.get("onnx"))
     for name in needed:
         if name not in files:
             raise BundleError(f"{path / MANIFEST} has no sha256 for {name}; re-save the bundle with ff.save")
