@@ -152,8 +152,37 @@ class ConfidenceGate(nn.Module):
         """``(accepted [B] bool, confidence [B] float)``."""
         buffers = self._buffers  # (the serving hot path: no nn.Module attribute lookups)
         temperature, thr = buffers["temperature"], buffers["threshold"]
-        device = logits.device
+        if self._inline_max_softmax(logits, temperature, thr):
+            # confidence() inlined: the same division and max softmax, in four kernels with the test
+            conf = _max_softmax_eager(logits / temperature)  # [B]
+            return conf >= thr, conf  # NaN (a non-finite logit) is never >= thr
+        return self._accept_and_confidence(logits, thr)
+
+    def decide(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(accepted [B] bool, confidence [B] float, prediction [B] long)``: the runtime's call.
+
+        The prediction is the class of the highest calibrated probability (the logits' argmax, as
+        ``logits / T`` keeps the order for ``T > 0``). For the max-softmax score the confidence and the
+        prediction come out of one reduction, which saves the runtime a kernel on every answer.
+        """
+        buffers = self._buffers
+        temperature, thr = buffers["temperature"], buffers["threshold"]
         if (
+            type(self).forward is ConfidenceGate.forward
+            and not (self._forward_hooks or self._forward_pre_hooks)
+            and self._inline_max_softmax(logits, temperature, thr)
+        ):
+            z = logits / temperature  # [B, C]
+            conf, prediction = torch.softmax(z, dim=1).max(dim=1)  # [B], [B]
+            conf = conf.add(z.amin(dim=1), alpha=0)  # NaN also on rows whose only non-finite logit is -inf
+            return conf >= thr, conf, prediction
+        accept, conf = self(logits)  # a subclass's forward, or the module's hooks, are honoured
+        return accept, conf, logits.argmax(dim=1)
+
+    def _inline_max_softmax(self, logits: Tensor, temperature: Tensor, thr: Tensor) -> bool:
+        """Whether the max-softmax score can run inlined (eager float32 logits, buffers on their device)."""
+        device = logits.device
+        return (
             self.score == "max_softmax"
             and logits.dtype == torch.float32
             and logits.dim() == 2
@@ -162,9 +191,9 @@ class ConfidenceGate(nn.Module):
             and thr.device == device
             and type(self).confidence is ConfidenceGate.confidence
             and not _tracing()
-        ):  # confidence() inlined: the same division and max softmax, in four kernels with the test
-            conf = _max_softmax_eager(logits / temperature)  # [B]
-            return conf >= thr, conf  # NaN (a non-finite logit) is never >= thr
+        )
+
+    def _accept_and_confidence(self, logits: Tensor, thr: Tensor) -> tuple[Tensor, Tensor]:
         conf = self.confidence(logits)  # [B]
         if thr.device != conf.device:
             thr = thr.to(conf.device)

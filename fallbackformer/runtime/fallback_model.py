@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -70,6 +70,11 @@ _OK, _PREDICTED, _EXCEEDED, _ERROR, _NONFINITE, _TIMEOUT, _BUSY = (
     "timeout",
     "busy",
 )
+#: an inline admission plan is rebuilt at least this often (calls), to follow a machine that got faster
+PLAN_REFRESH_CALLS = 64
+#: calls whose answers are tallied into the counters in one pass (stats() always counts them all)
+TALLY_BATCH = 64
+
 _FAILURES = frozenset({_EXCEEDED, _ERROR, _NONFINITE, _TIMEOUT, _BUSY})
 _STALLS = frozenset({_EXCEEDED, _TIMEOUT, _BUSY})
 
@@ -131,6 +136,8 @@ class FallbackModel(nn.Module):
         self.served_counts: Counter[str] = Counter()
         self.reason_counts: Counter[str] = Counter()
         self.calls = 0
+        # per call (served_by, reasons), counted into the counters above in batches (see _record)
+        self._tallies: deque[tuple[tuple[str, ...], tuple[str, ...]]] = deque()
         self.sink_errors = 0
         self.compile_report: dict[str, dict[str, Any]] = {}
         #: the function ``compile`` policies use (tests swap it for a fake); called as ``fn(module)``
@@ -153,11 +160,11 @@ class FallbackModel(nn.Module):
         self._exit_name = {s: self.path_names[k] for k, s in enumerate(primary.exit_stages)}
         self._units: dict[str, Callable[..., Any]] = {}
         self._segments_cache: dict[tuple[bool, ...], tuple[int, ...]] = {}
+        self._plans: dict[tuple[int, bool], tuple[tuple[Any, ...], _Plan]] = {}  # (bucket, hedged) -> (key, plan)
         self._no_exit = [False] * n
         self._live_cache: tuple[tuple[tuple[torch.Tensor | None, int], ...], tuple[bool, ...]] | None = None
         self._early_exits = [(s, self._exit_name[s]) for s in primary.exit_stages[:-1]]
         self._head_units = {s: f"head_{s}" for s in primary.exit_stages}
-        self._profiled_units = (*self._stage_names, STUDENT_UNIT)  # predictions: stages, then student
         self._eager_units()
         self._sync()
 
@@ -169,10 +176,11 @@ class FallbackModel(nn.Module):
         start_ns = clock.now_ns()
         policy = self._sync()
         budget_ns = int(policy.budget_ms * NS_PER_MS)
-        request_id = f"{self._id_prefix}-{next(self._ids)}"
+        seq = next(self._ids)
+        request_id = f"{self._id_prefix}-{seq}"
         x = check_batch(x, self.input_spec)
         b = x.shape[0]
-        state = _RequestState(b, start_ns, start_ns + budget_ns)
+        state = _RequestState(b, start_ns, start_ns + budget_ns, seq, self._live_exits())
 
         with contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode():
             valid = self._valid_indices(x, state, policy)  # None: every sample is valid
@@ -247,6 +255,7 @@ class FallbackModel(nn.Module):
     def stats(self) -> dict[str, Any]:
         """Counters since construction: calls, answers by path, fallbacks by reason, hedging, breaker."""
         with self._lock:
+            self._tally_locked()
             total = sum(self.served_counts.values())
             fallbacks = self.served_counts[R.STUDENT] + self.served_counts[R.DEFAULT]
             out: dict[str, Any] = {
@@ -477,19 +486,25 @@ class FallbackModel(nn.Module):
             self._segments_cache[live] = ends
         return ends
 
-    def _predictions(self, state: _RequestState, n: int) -> list[float]:
-        """Predicted p99 (ms) of each stage and, last, of the student, at batch size ``n`` (cached)."""
-        if state.p99_n != n:
-            state.p99 = self.profile.predict_p99_many(self._profiled_units, n)
-            state.p99_n = n
-        return state.p99
+    def _plan(self, n: int, policy: Policy, live: tuple[bool, ...], hedged: bool, seq: int) -> _Plan:
+        """The admission plan at batch size ``n``, cached per batch bucket.
 
-    def _medians(self, state: _RequestState, n: int) -> list[float]:
-        """Predicted p50 (ms) of each stage, at batch size ``n`` (cached; hedged admission)."""
-        if state.p50_n != n:
-            state.p50 = self.profile.predict_many(self._stage_names, n, 0.5)
-            state.p50_n = n
-        return state.p50
+        An inline plan is rebuilt when a p99 prediction may have risen (``profile.p99_version``),
+        when the policy's budget or margin or the live exits changed, and every
+        ``PLAN_REFRESH_CALLS`` calls (so it also follows a machine that got faster): in between,
+        its p99 figures are never below the exact ones, so admission stays conservative. A hedged
+        plan (medians, which any new sample may move) is rebuilt on every change of the profile.
+        """
+        profile = self.profile
+        version = profile.version if hedged else profile.p99_version
+        key = (profile, version, seq // PLAN_REFRESH_CALLS, policy.budget_ms, policy.margin_ms, live)
+        slot = (1 << (n - 1).bit_length(), hedged)
+        entry = self._plans.get(slot)
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        plan = _Plan.build(profile, self._stage_names, self._segment_ends(live), n, policy, hedged)
+        self._plans[slot] = (key, plan)
+        return plan
 
     def _walk_primary(
         self,
@@ -506,71 +521,64 @@ class FallbackModel(nn.Module):
         """
         clock, units, profile = self.clock, self._units, self.profile
         gates = self._modules["gates"]._modules  # (the hot path: no nn.Module attribute lookup)
-        live = self._live_exits()
-        ends = self._segment_ends(live)
+        live = state.live
         b = x.shape[0]
         active = valid  # original indices of the samples still in the batch; None: all
         n = b if active is None else int(active.numel())
-        budget_ms, margin = policy.budget_ms, policy.margin_ms
         admission = policy.admission and not state.probe
         hedged = cancel is not None
         start_ns, deadline_ns = state.start_ns, state.deadline_ns
+        budget_ns = deadline_ns - start_ns
+        # per stage, the latest start (ns after the call's start): the deadline, and with admission
+        # the deadline less the predicted time of the stages up to the next exit (and the student)
+        limits = self._plan(n, policy, live, hedged, state.seq).limits if admission else (budget_ns,) * len(live)
         last = len(self._stage_names) - 1
-        timings: list[tuple[str, int, float]] = []
+        timings = state.timings  # (stage, batch size, ms): appended by this thread only
         h: Any = None
         try:
             for i, name in enumerate(self._stage_names):
                 now = clock.now_ns()
-                if now > deadline_ns or (cancel is not None and cancel.is_set()):
-                    state.set_reason(active, R.DEADLINE_EXCEEDED, b)
-                    state.outcome = _EXCEEDED
-                    return
-                if admission:
-                    if hedged:  # more likely than not to finish by budget - margin
-                        predicted = sum(self._medians(state, n)[i : ends[i] + 1]) + margin
-                    else:  # the segment's p99 and then the student's p99 fit, with the margin
-                        p99 = self._predictions(state, n)
-                        predicted = sum(p99[i : ends[i] + 1]) + p99[-1] + margin
-                    if (now - start_ns) / NS_PER_MS + predicted > budget_ms:
+                if now - start_ns > limits[i] or (hedged and cancel.is_set()):  # type: ignore[union-attr]
+                    if now > deadline_ns or (hedged and cancel.is_set()):  # type: ignore[union-attr]
+                        state.set_reason(active, R.DEADLINE_EXCEEDED, b)
+                        state.outcome = _EXCEEDED
+                    else:
                         state.set_reason(active, R.DEADLINE_PREDICTED, b)
                         state.outcome = _PREDICTED
                         if i == 0:
                             self._refused_in_row += 1  # (a lost update under threads only delays a probe)
-                        return
-                    if i == 0 and self._refused_in_row:  # (nn.Module.__setattr__ is slow: write only a change)
-                        self._refused_in_row = 0
+                    return
                 if i == 0:
+                    if self._refused_in_row and admission:  # (nn.Module.__setattr__ is slow: write only a change)
+                        self._refused_in_row = 0
                     h = units[TRANSFORM_UNIT](x if active is None else x[active])
                 h = units[name](h)
                 if not isinstance(h, torch.Tensor) or h.dim() == 0 or h.shape[0] != n:
                     shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
                     raise ValueError(f"{name} returned {shape}; expected a batch of {n} samples")
                 if not live[i]:
-                    ms = (clock.now_ns() - now) / NS_PER_MS
-                    timings.append((name, n, ms))
-                    state.stage_ms.append(ms)
+                    timings.append((name, n, (clock.now_ns() - now) / NS_PER_MS))
                     continue
                 exit_name = self._exit_name[i]
                 logits = units[self._head_units[i]](h)
                 _check_logits(logits, n, exit_name)
                 state.num_classes = logits.shape[1]
                 # The gate's confidence is NaN exactly on rows with a non-finite logit, never accepted.
-                accept, conf = gates[exit_name](logits)
+                accept, conf, prediction = gates[exit_name].decide(logits)
                 if state.drift_scores is None:
                     state.drift_scores = conf  # the first live gate sees every sample walked
                 n_accept = int(accept.sum()) if n > 1 else int(accept.item())  # (one sync; no reduction at batch 1)
                 done_ns = clock.now_ns()
                 timings.append((name, n, (done_ns - now) / NS_PER_MS))
-                state.stage_ms.append((done_ns - now) / NS_PER_MS)
                 if done_ns > deadline_ns:  # this exit answered too late: it does not serve
                     state.set_reason(active, R.DEADLINE_EXCEEDED, b)
                     state.outcome = _EXCEEDED
                     return
                 if n_accept == n:
-                    state.serve(active, None, exit_name, logits, conf, b)
+                    state.serve(active, None, exit_name, logits, conf, prediction, b)
                     break
                 if n_accept:
-                    if not state.serve(active, accept, exit_name, logits, conf, b):
+                    if not state.serve(active, accept, exit_name, logits, conf, prediction, b):
                         return  # frozen: the caller has answered at the deadline
                 nonfinite = torch.isnan(conf)
                 if bool(nonfinite.any()):
@@ -591,6 +599,8 @@ class FallbackModel(nn.Module):
                     if n == 0:
                         break
                     h = h[keep]
+                    if admission:  # the rest of the walk is planned at the smaller batch
+                        limits = self._plan(n, policy, live, hedged, state.seq).limits
             if state.outcome is None:
                 state.outcome = _OK
         except Exception as exc:  # a fault in the primary gets a fallback and a record
@@ -598,7 +608,10 @@ class FallbackModel(nn.Module):
             state.add_detail(f"{type(exc).__name__}: {exc}"[:200])
             state.outcome = _ERROR
         finally:  # late stages of a timed-out walk are recorded too: the profile learns the stall
-            profile.record_many(timings)
+            if hedged:  # (its plans read medians, which any sample may move: recorded at once)
+                profile.record_many(timings)
+            else:
+                profile.submit(timings)
 
     def _should_hedge(self, policy: Policy, state: _RequestState, n: int) -> bool:
         mode = policy.hedge
@@ -611,7 +624,7 @@ class FallbackModel(nn.Module):
                 if self._hedge_calls_left > 0:
                     self._hedge_calls_left -= 1
                     return True
-        predicted = sum(self._predictions(state, n)) + policy.margin_ms
+        predicted = self._plan(n, policy, state.live, False, state.seq).total_ms
         return policy.budget_ms - predicted < policy.effective_hedge_slack_ms
 
     def _get_hedger(self, policy: Policy, device: torch.device) -> Hedger:
@@ -636,7 +649,7 @@ class FallbackModel(nn.Module):
         if policy.hedge_student_start == "immediate" or self.profile.count(STUDENT_UNIT) == 0:
             student_at = clock.now_ns()  # (the student's time is unknown before it ever ran)
         else:  # the latest start that still leaves the student its p99 and the margin
-            student_ms = self._predictions(state, n)[-1] + policy.margin_ms
+            student_ms = self._plan(n, policy, state.live, False, state.seq).student_ms + policy.margin_ms
             student_at = state.deadline_ns - int(student_ms * NS_PER_MS)
         state.shared = True
         cancel = threading.Event()
@@ -676,9 +689,9 @@ class FallbackModel(nn.Module):
             outcome = state.outcome or _OK
         state.primary_ms = (clock.now_ns() - t0) / NS_PER_MS
         if student is not None:
-            idx, logits, accept, conf = student
+            idx, logits, accept, conf, prediction = student
             still = state.unserved_mask(idx).to(accept.device)  # [k]: the primary did not serve them since
-            state.serve_student(idx, logits, still & accept, conf, b)
+            state.serve_student(idx, logits, still & accept, conf, prediction, b)
         state.student_done = True
         return outcome
 
@@ -707,8 +720,8 @@ class FallbackModel(nn.Module):
 
     def _student_answer(
         self, x: torch.Tensor, idx: torch.Tensor, state: _RequestState
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The student's ``(idx, logits, accept, confidence)`` on samples ``idx``, ``None`` if it failed."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The student's ``(idx, logits, accept, confidence, prediction)`` on samples ``idx``, ``None`` if it failed."""
         clock = self.clock
         n = int(idx.numel())
         t0 = clock.now_ns()
@@ -720,9 +733,9 @@ class FallbackModel(nn.Module):
         except Exception as exc:
             state.add_detail(f"student {type(exc).__name__}: {exc}"[:200])
             return None  # the default (already in place) serves
-        accept, conf = self.gates[R.STUDENT](logits)  # never accepts a row with a non-finite logit
+        accept, conf, prediction = self.gates[R.STUDENT].decide(logits)  # never accepts a non-finite row
         self.profile.record(STUDENT_UNIT, n, (clock.now_ns() - t0) / NS_PER_MS)
-        return idx, logits, accept, conf
+        return idx, logits, accept, conf, prediction
 
     def _run_student(self, x: torch.Tensor, idx: torch.Tensor, state: _RequestState) -> None:
         if state.student_done:
@@ -733,20 +746,34 @@ class FallbackModel(nn.Module):
 
     # ------------------------------------------------------------------ records
 
+    def _tally_locked(self) -> None:
+        """Count the queued answers into the counters (held lock)."""
+        tallies, served_counts, reason_counts = self._tallies, self.served_counts, self.reason_counts
+        calls = 0
+        while True:
+            try:
+                served_by, reasons = tallies.popleft()  # (atomic: a concurrent append is never lost)
+            except IndexError:
+                break
+            calls += 1
+            if len(served_by) == 1 or len(set(served_by)) == 1:
+                served_counts[served_by[0]] += len(served_by)
+            else:
+                served_counts.update(served_by)
+            if reasons[0] or len(reasons) > 1:
+                reason_counts.update(r for r in reasons if r)
+        self.__dict__["calls"] += calls  # (a plain int: skip nn.Module.__setattr__)
+
     def _default_prediction(self, policy: Policy) -> int:
         return -1 if policy.default_class is None else int(policy.default_class)
 
     def _record(self, out: FallbackOutput, state: _RequestState, policy: Policy) -> None:
-        served_by, reasons = out.served_by, out.reason
-        uniform = len(served_by) == 1 or len(set(served_by)) == 1
-        with self._lock:
-            self.__dict__["calls"] += 1  # (a plain int: skip nn.Module.__setattr__, slow on the hot path)
-            if uniform:
-                self.served_counts[served_by[0]] += len(served_by)
-            else:
-                self.served_counts.update(served_by)
-            if reasons[0] or len(reasons) > 1:
-                self.reason_counts.update(r for r in reasons if r)
+        """Tally the answer (in batches; :meth:`stats` counts every call) and emit its events."""
+        tallies = self._tallies
+        tallies.append((tuple(out.served_by), tuple(out.reason)))  # (atomic; copies: the caller owns out)
+        if len(tallies) >= TALLY_BATCH:
+            with self._lock:
+                self._tally_locked()
         if not self.sinks:
             return
         now = time.time()
@@ -785,27 +812,28 @@ class _RequestState:
     """
 
     __slots__ = (
-        "b", "start_ns", "deadline_ns", "served_by", "n_served", "reason", "parts", "stage_ms", "detail",
-        "outcome", "num_classes", "p99", "p99_n", "p50", "p50_n", "probe", "primary_ms", "shared", "frozen",
-        "student_done", "drift_scores", "lock",
+        "b", "start_ns", "deadline_ns", "served_by", "n_served", "reason", "parts", "timings", "detail",
+        "outcome", "num_classes", "probe", "primary_ms", "shared", "frozen", "student_done", "drift_scores", "lock",
+        "seq", "live",
     )
 
-    def __init__(self, b: int, start_ns: int, deadline_ns: int) -> None:
+    def __init__(
+        self, b: int, start_ns: int, deadline_ns: int, seq: int = 0, live: tuple[bool, ...] = ()
+    ) -> None:
         self.b = b
+        self.seq = seq  # the call's number on its model
+        self.live = live  # per stage: whether an exit after it can serve (FallbackModel._live_exits)
         self.start_ns = start_ns
         self.deadline_ns = deadline_ns
         self.served_by: list[str | None] = [None] * b
         self.n_served = 0
         self.reason = [""] * b
-        self.parts: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []  # (idx, logits, conf)
-        self.stage_ms: list[float] = []  # appended by the thread walking the primary only
+        # (idx, logits, confidence, prediction) of each path that served; idx None: the whole batch
+        self.parts: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.timings: list[tuple[str, int, float]] = []  # (stage, batch, ms): by the walking thread only
         self.detail = ""
         self.outcome: str | None = None
         self.num_classes = 0
-        self.p99: list[float] = []  # predicted p99 per stage and the student, at batch size p99_n
-        self.p99_n = -1
-        self.p50: list[float] = []  # predicted p50 per stage, at batch size p50_n
-        self.p50_n = -1
         self.probe = False  # admission is lifted for this call (a liveness probe)
         self.primary_ms = 0.0
         self.shared = False
@@ -854,6 +882,7 @@ class _RequestState:
         name: str,
         logits: torch.Tensor,
         conf: torch.Tensor,
+        prediction: torch.Tensor,
         b: int,
     ) -> bool:
         """Serve the accepted rows (``accept`` over ``active``; ``None``: all rows) by ``name``.
@@ -863,13 +892,13 @@ class _RequestState:
         if accept is not None:
             rows = torch.nonzero(accept).flatten()
             idx = rows if active is None else active[rows]
-            logits, conf = logits[rows], conf[rows]
+            logits, conf, prediction = logits[rows], conf[rows], prediction[rows]
         else:
             idx = active
         with self.lock:
             if self.frozen:
                 return False
-            self.parts.append((idx, logits, conf))
+            self.parts.append((idx, logits, conf, prediction))
             if idx is None:
                 self.served_by = [name] * b
                 self.n_served = b
@@ -880,7 +909,13 @@ class _RequestState:
         return True
 
     def serve_student(
-        self, idx: torch.Tensor, logits: torch.Tensor, accept: torch.Tensor, conf: torch.Tensor, b: int
+        self,
+        idx: torch.Tensor,
+        logits: torch.Tensor,
+        accept: torch.Tensor,
+        conf: torch.Tensor,
+        prediction: torch.Tensor,
+        b: int,
     ) -> None:
         """Serve the student's accepted rows (the caller's own write: never blocked by the freeze)."""
         rows = torch.nonzero(accept).flatten()
@@ -888,7 +923,7 @@ class _RequestState:
             return
         chosen = idx[rows.to(idx.device)]
         with self.lock:
-            self.parts.append((chosen, logits[rows], conf[rows]))
+            self.parts.append((chosen, logits[rows], conf[rows], prediction[rows]))
             for i in chosen.tolist():
                 self.served_by[i] = R.STUDENT
             self.n_served += int(chosen.numel())
@@ -913,7 +948,7 @@ class _RequestState:
         return torch.tensor(flags, dtype=torch.bool, device=idx.device)
 
     def stage_ms_snapshot(self) -> list[float]:
-        return list(self.stage_ms)  # a list copy is atomic under the GIL
+        return [t[2] for t in list(self.timings)]  # a list copy is atomic under the GIL
 
     def output(self, latency_ms: float, request_id: str, default_prediction: int, device: torch.device) -> FallbackOutput:
         with self.lock:  # after the freeze nobody writes here again: the lists can be handed out
@@ -926,23 +961,23 @@ class _RequestState:
         b = self.b
         if parts and parts[0][1].is_cuda:  # made on a side stream by a hedged walk: keep them alive for ours
             current = torch.cuda.current_stream()
-            for _, lg, cf in parts:
+            for _, lg, cf, pd in parts:
                 lg.record_stream(current)
                 cf.record_stream(current)
+                pd.record_stream(current)
         if len(parts) == 1 and parts[0][0] is None:  # one path served the whole batch
-            _, logits, conf = parts[0]
+            _, logits, conf, prediction = parts[0]
             logits = logits if logits.dtype == torch.float32 else logits.float()
-            prediction = logits.argmax(dim=1)
             confidence = conf if conf.dtype == torch.float32 else conf.float()
         else:
             num_classes = parts[0][1].shape[1] if parts else self.num_classes
             prediction = torch.full((b,), default_prediction, dtype=torch.long, device=device)
             confidence = torch.full((b,), float("nan"), device=device)
             logits = torch.full((b, num_classes), float("nan"), device=device)
-            for idx, lg, cf in parts:
+            for idx, lg, cf, pd in parts:
                 target = slice(None) if idx is None else idx.to(device)
                 logits[target] = lg.float()
-                prediction[target] = lg.argmax(dim=1)
+                prediction[target] = pd
                 confidence[target] = cf.float()
         return FallbackOutput(
             prediction=prediction,
@@ -953,6 +988,46 @@ class _RequestState:
             logits=logits,
             request_id=request_id,
         )
+
+
+class _Plan:
+    """Admission at one batch bucket, read off the latency profile once and reused across calls.
+
+    ``limits[i]``: the latest time (ns after the call's start) at which stage ``i`` may start: the
+    budget less the predicted time of the stages up to the next live exit, the student's p99 (inline
+    calls; a hedged call has its student provided for) and the margin, never past the budget.
+    Inline plans predict each stage by its p99, hedged ones by its p50 (see ``Policy.admission``).
+    """
+
+    __slots__ = ("limits", "student_ms", "total_ms")
+
+    def __init__(self, limits: tuple[float, ...], student_ms: float, total_ms: float) -> None:
+        self.limits = limits
+        self.student_ms = student_ms  # the student's predicted p99 (inline plans)
+        self.total_ms = total_ms  # every stage's and the student's p99, and the margin (inline plans)
+
+    @classmethod
+    def build(
+        cls,
+        profile: LatencyProfile,
+        stages: tuple[str, ...],
+        ends: tuple[int, ...],
+        n: int,
+        policy: Policy,
+        hedged: bool,
+    ) -> _Plan:
+        budget_ms, margin = policy.budget_ms, policy.margin_ms
+        budget_ns = int(budget_ms * NS_PER_MS)
+        if hedged:  # more likely than not to finish by budget - margin
+            per_stage = profile.predict_many(stages, n, 0.5)
+            student = 0.0
+        else:  # the segment's p99 and then the student's p99 fit, with the margin
+            *per_stage, student = profile.predict_p99_many((*stages, STUDENT_UNIT), n)
+        limits = tuple(
+            min(budget_ns, (budget_ms - (sum(per_stage[i : ends[i] + 1]) + student + margin)) * NS_PER_MS)
+            for i in range(len(stages))
+        )
+        return cls(limits, student, sum(per_stage) + student + margin)
 
 
 def _select(active: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ from fallbackformer.runtime.clock import NS_PER_MS, Clock, MonotonicClock
 __all__ = ["LatencyProfile", "batch_bucket", "nearest_rank", "warm_up"]
 
 FORMAT_VERSION = 1
+#: :meth:`LatencyProfile.submit` adds its queued samples at least every this many submissions
+SUBMIT_BATCH = 32
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -70,9 +73,17 @@ class _Bucket:
     head: int = 0
     total: int = 0
     prior: dict[str, float] | None = None  # {"p50", "p99", "count"} from a manifest
+    p99_now: float = -math.inf  # the live p99 once min_samples arrived; -inf before
 
-    def add(self, ms: float) -> None:
+    def add(self, ms: float, min_samples: int) -> bool:
+        """Add a sample; return whether a p99 prediction read from this bucket may have risen.
+
+        It may not when the bucket already had its own estimate (``min_samples`` live samples) and
+        ``ms`` is not above that p99: inserting a value at or below the nearest-rank p99 (and
+        evicting any value) never moves that order statistic up.
+        """
         samples, ordered = self.samples, self.ordered
+        may_rise = not ms <= self.p99_now  # (-inf below min_samples: every sample may move it)
         if len(samples) < self.window:
             samples.append(ms)
         else:
@@ -82,6 +93,10 @@ class _Bucket:
             self.head = (head + 1) % self.window
         bisect.insort(ordered, ms)
         self.total += 1
+        n = len(ordered)
+        if n >= min_samples:
+            self.p99_now = ordered[max(1, math.ceil(0.99 * n)) - 1]
+        return may_rise
 
     def recent(self) -> list[float]:
         """Samples oldest first."""
@@ -89,6 +104,12 @@ class _Bucket:
 
 
 _NO_BUCKETS: dict[int, _Bucket] = {}
+
+
+def _check_samples(samples: Sequence[tuple[str, int, float]]) -> None:
+    for stage, _, ms in samples:
+        if not (ms >= 0.0 and ms < math.inf):
+            raise ValueError(f"latency of stage {stage!r} must be a finite number >= 0 ms; got {ms!r}")
 
 
 class LatencyProfile:
@@ -109,6 +130,12 @@ class LatencyProfile:
         self.min_samples = int(min_samples)
         self._lock = threading.Lock()
         self._buckets: dict[str, dict[int, _Bucket]] = {}
+        self._pending: deque[Sequence[tuple[str, int, float]]] = deque()  # submitted, not yet added
+        #: bumped by every change; a cache of any prediction is valid while it stays
+        self.version = 0
+        #: bumped by every change that may raise a p99 prediction (see :meth:`record`): a cache of
+        #: p99 predictions stays conservative (never below the exact figure) while it stays
+        self.p99_version = 0
 
     # -- writing -----------------------------------------------------------------------------
     def record(self, stage: str, batch_size: int, ms: float) -> None:
@@ -121,38 +148,92 @@ class LatencyProfile:
             raise ValueError(f"latency of stage {stage!r} must be a finite number >= 0 ms; got {ms!r}")
         b = batch_bucket(batch_size)
         with self._lock:
+            self._drain_locked()
             stage_buckets = self._buckets.setdefault(stage, {})
             bucket = stage_buckets.get(b)
             if bucket is None:
                 bucket = stage_buckets[b] = _Bucket(self.window)
-            bucket.add(ms)
+            self.version += 1
+            if bucket.add(ms, self.min_samples):
+                self.p99_version += 1
 
     def record_many(self, samples: Sequence[tuple[str, int, float]]) -> None:
         """Record several ``(stage, batch_size, ms)`` measurements under one lock."""
         if not samples:
             return
-        for stage, _, ms in samples:
-            if not (ms >= 0.0 and ms < math.inf):
-                raise ValueError(f"latency of stage {stage!r} must be a finite number >= 0 ms; got {ms!r}")
-        buckets = self._buckets
+        _check_samples(samples)
         with self._lock:
-            for stage, batch_size, ms in samples:
-                b = 1 << (batch_size - 1).bit_length() if batch_size > 0 else batch_bucket(batch_size)
-                stage_buckets = buckets.get(stage)
-                if stage_buckets is None:
-                    stage_buckets = buckets[stage] = {}
-                bucket = stage_buckets.get(b)
-                if bucket is None:
-                    bucket = stage_buckets[b] = _Bucket(self.window)
-                bucket.add(float(ms))
+            self._drain_locked()
+            may_rise = self._add_locked(samples)
+            self.version += 1
+            if may_rise:
+                self.p99_version += 1
+
+    def submit(self, samples: Sequence[tuple[str, int, float]]) -> None:
+        """Record measurements from the serving hot path: cheaply, and exactly as far as readers see.
+
+        A sample at or below its bucket's current p99 cannot raise a p99 prediction (see
+        :meth:`record`), so it waits in a queue and is added with the next ``SUBMIT_BATCH`` (in one
+        pass, off the hot path's cold caches) or before anything reads the profile. Any other
+        sample (a slow stage, a bucket still filling) is added at once, behind those queued.
+        ``version`` moves when the queue is added; ``p99_version`` only when a prediction may rise.
+        """
+        if not samples:
+            return
+        _check_samples(samples)
+        pending = self._pending
+        pending.append(samples)
+        buckets = self._buckets
+        for stage, batch_size, ms in samples:
+            bucket = buckets.get(stage, _NO_BUCKETS).get(1 << (batch_size - 1).bit_length())
+            if bucket is None or not ms <= bucket.p99_now:
+                break
+        else:
+            if len(pending) < SUBMIT_BATCH:
+                return
+        with self._lock:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        """Add the queued samples of :meth:`submit` (held lock)."""
+        pending = self._pending
+        if not pending:
+            return
+        may_rise = False
+        while True:
+            try:
+                samples = pending.popleft()  # (atomic: a concurrent submit is never lost)
+            except IndexError:
+                break
+            may_rise = self._add_locked(samples) or may_rise
+        self.version += 1
+        if may_rise:
+            self.p99_version += 1
+
+    def _add_locked(self, samples: Sequence[tuple[str, int, float]]) -> bool:
+        buckets, min_samples, may_rise = self._buckets, self.min_samples, False
+        for stage, batch_size, ms in samples:
+            b = 1 << (batch_size - 1).bit_length() if batch_size > 0 else batch_bucket(batch_size)
+            stage_buckets = buckets.get(stage)
+            if stage_buckets is None:
+                stage_buckets = buckets[stage] = {}
+            bucket = stage_buckets.get(b)
+            if bucket is None:
+                bucket = stage_buckets[b] = _Bucket(self.window)
+            if bucket.add(float(ms), min_samples):
+                may_rise = True
+        return may_rise
 
     def reset(self, stage: str | None = None) -> None:
         """Forget every sample (and prior) of ``stage``, or of all stages."""
         with self._lock:
+            self._drain_locked()
             if stage is None:
                 self._buckets.clear()
             else:
                 self._buckets.pop(stage, None)
+            self.version += 1
+            self.p99_version += 1
 
     # -- reading -----------------------------------------------------------------------------
     def _own(self, bucket: _Bucket, q: float) -> float | None:
@@ -167,6 +248,7 @@ class LatencyProfile:
         """Quantile ``q`` of ``stage`` in the bucket of ``batch_size``, or ``None`` without data there."""
         b = batch_bucket(batch_size)
         with self._lock:
+            self._drain_locked()
             bucket = self._buckets.get(stage, {}).get(b)
             return None if bucket is None else self._own(bucket, q)
 
@@ -187,6 +269,7 @@ class LatencyProfile:
         """
         b = batch_bucket(batch_size)
         with self._lock:
+            self._drain_locked()
             return self._predict_locked(stage, b, default)
 
     def predict_p99_many(self, stages: Sequence[str], batch_size: int, default: float = 0.0) -> list[float]:
@@ -203,6 +286,7 @@ class LatencyProfile:
         b = batch_bucket(batch_size)
         buckets, min_samples, out = self._buckets, self.min_samples, []
         with self._lock:
+            self._drain_locked()
             for s in stages:  # the common case (a bucket with enough live samples) inlined
                 bucket = buckets.get(s, _NO_BUCKETS).get(b)
                 if bucket is not None and len(bucket.ordered) >= min_samples:
@@ -222,6 +306,7 @@ class LatencyProfile:
         """
         b = batch_bucket(batch_size)
         with self._lock:
+            self._drain_locked()
             return sum(self._predict_locked(s, b, default) for s in stages)
 
     def _predict_locked(self, stage: str, b: int, default: float, q: float = 0.99) -> float:
@@ -251,6 +336,7 @@ class LatencyProfile:
     def count(self, stage: str, batch_size: int | None = None) -> int:
         """Samples ever recorded for ``stage`` (in the bucket of ``batch_size`` when given)."""
         with self._lock:
+            self._drain_locked()
             stage_buckets = self._buckets.get(stage, {})
             if batch_size is None:
                 return sum(bk.total for bk in stage_buckets.values())
@@ -260,12 +346,14 @@ class LatencyProfile:
     def stages(self) -> list[str]:
         """Stages with data, sorted."""
         with self._lock:
+            self._drain_locked()
             return sorted(self._buckets)
 
     def summary(self) -> dict[str, dict[int, dict[str, float]]]:
         """``{stage: {bucket: {"p50", "p99", "count"}}}`` for buckets with an estimate."""
         out: dict[str, dict[int, dict[str, float]]] = {}
         with self._lock:
+            self._drain_locked()
             for stage, stage_buckets in self._buckets.items():
                 for b, bucket in sorted(stage_buckets.items()):
                     p50, p99 = self._own(bucket, 0.5), self._own(bucket, 0.99)
@@ -328,7 +416,7 @@ class LatencyProfile:
                 bucket = _Bucket(profile.window)
                 bucket.prior = {"p50": float(entry["p50"]), "p99": float(entry["p99"]), "count": float(entry["count"])}
                 for ms in entry.get("samples", []):
-                    bucket.add(float(ms))
+                    bucket.add(float(ms), profile.min_samples)
                 profile._buckets.setdefault(str(stage), {})[b] = bucket
         return profile
 

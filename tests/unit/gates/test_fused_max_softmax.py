@@ -94,3 +94,33 @@ def test_a_subclass_score_keeps_the_finite_check() -> None:
 
     accepted, _ = Unbounded(threshold=math.inf)(torch.zeros(2, 3))
     assert not accepted.any()  # +inf >= +inf, but a gate whose threshold is +inf accepts nothing
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 2.5])
+def test_decide_agrees_with_forward_and_predicts_the_argmax(temperature: float) -> None:
+    """The runtime's one-reduction call: same acceptance and confidence, bit for bit, and the class
+    is the logits' argmax wherever the confidence is finite (the only rows a path may serve; a
+    finite logit that overflows once divided by T has none)."""
+    gate = ConfidenceGate(temperature=temperature, threshold=0.6)
+    for seed in range(60):
+        z = _logits(seed, 1 + seed % 9 * 8, 2 + seed % 13)
+        accept, conf = gate(z)
+        d_accept, d_conf, prediction = gate.decide(z)
+        assert torch.equal(accept, d_accept) and _same(conf, d_conf), seed
+        finite = torch.isfinite(d_conf)
+        assert torch.equal(prediction[finite], z.argmax(dim=1)[finite]), seed
+        assert prediction.dtype == torch.long and prediction.shape == (z.shape[0],)
+
+
+def test_decide_honours_a_subclass_forward_and_hooks() -> None:
+    class Strict(ConfidenceGate):
+        def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            accept, conf = super().forward(logits)
+            return torch.zeros_like(accept), conf
+
+    z = torch.tensor([[0.0, 9.0], [9.0, 0.0]])
+    accept, _, prediction = Strict(threshold=0.5).decide(z)
+    assert not accept.any() and prediction.tolist() == [1, 0]
+    gate, seen = ConfidenceGate(threshold=0.5), []
+    gate.register_forward_hook(lambda m, i, o: seen.append(o))
+    assert gate.decide(z)[0].all() and len(seen) == 1

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from fallbackformer.runtime.testing import ConstHead, build, gate
+from fallbackformer.runtime.latency import LatencyProfile
+from fallbackformer.runtime.testing import ConstHead, build, gate, seed
 from fallbackformer.runtime.validation import InputSpec, InvalidInputError, check_batch
 
 X1 = torch.zeros(1, 4)
@@ -51,3 +52,43 @@ def test_check_batch_fast_path_returns_the_input_and_errors_are_unchanged() -> N
             assert match in str(exc)
         else:  # pragma: no cover
             raise AssertionError(f"{tuple(bad.shape)} {bad.dtype} passed")
+
+
+def test_admission_reacts_to_a_stall_on_the_very_next_call() -> None:
+    """The cached admission plan is rebuilt as soon as a sample may raise a p99."""
+    model, _, stages, _ = build([[2.0, 8.5, 2.0, 2.0]], student_script=1.0, budget_ms=10.0, hedge="off")
+    seed(model, {"stage_0": 2.0, "student": 1.0})
+    assert model(X1).served_by == ["primary"]  # 0 + 2 + 1 <= 10
+    assert model(X1).served_by == ["primary"]  # the stall: 8.5 ms, still within the budget
+    out = model(X1)  # now stage 0's p99 is 8.5: 8.5 + 1 + 0 <= 10 still fits
+    assert out.served_by == ["primary"] and stages[0].calls == 3
+    model.profile.submit([("stage_0", 1, 9.5)])  # above the p99: added at once
+    out = model(X1)  # 9.5 + 1 > 10: refused without starting the stage
+    assert out.reason == ["deadline_predicted"] and stages[0].calls == 3
+
+
+def test_a_plan_stays_conservative_and_follows_a_faster_machine_within_the_refresh() -> None:
+    from fallbackformer.runtime.fallback_model import PLAN_REFRESH_CALLS
+
+    model, _, _, _ = build([1.0], student_script=1.0, budget_ms=10.0, hedge="off")
+    model.profile = LatencyProfile(window=4, min_samples=1)
+    for ms in [6.0, 1.0, 1.0, 1.0]:
+        model.profile.record("stage_0", 1, ms)
+    seed(model, {"student": 1.0})
+    live = model._live_exits()
+    stale = model._plan(1, model.policy, live, False, seq=0).limits[0]
+    assert stale == (10.0 - 6.0 - 1.0) * 1e6
+    model.profile.submit([("stage_0", 1, 1.0)])  # pushes the 6 ms out of the window
+    assert model.profile.predict_p99("stage_0", 1) == 1.0  # what a reader sees is exact ...
+    assert model._plan(1, model.policy, live, False, seq=1).limits[0] == stale  # ... the plan, higher
+    fresh = model._plan(1, model.policy, live, False, seq=PLAN_REFRESH_CALLS).limits[0]
+    assert fresh == (10.0 - 1.0 - 1.0) * 1e6
+
+
+def test_counters_are_exact_whenever_they_are_read() -> None:
+    model, _, _, _ = build([0.0], hedge="off")
+    for k in range(1, 150):
+        model(X1)
+        if k % 37 == 0:
+            assert model.stats()["calls"] == k
+    assert model.stats()["served_by"] == {"primary": 149}

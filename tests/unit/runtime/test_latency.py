@@ -145,3 +145,60 @@ def test_warm_up_times_on_the_given_clock() -> None:
     assert profile.count("stage_0", 8) == 3 and profile.p99("stage_0", 8) == 3.0
     with pytest.raises(ValueError, match="repeats >= 1"):
         warm_up(profile, "s", lambda: None, 1, repeats=0)
+
+
+def test_submitted_samples_are_seen_by_every_reader() -> None:
+    profile = LatencyProfile(window=64, min_samples=4)
+    for ms in [1.0, 2.0, 3.0, 4.0]:
+        profile.record("s", 1, ms)
+    for _ in range(5):
+        profile.submit([("s", 1, 2.5)])  # at or below the p99 (4.0): queued
+    assert len(profile._pending) == 5
+    assert profile.count("s") == 9 and not profile._pending  # a read adds the queue first
+    assert profile.p50("s", 1) == 2.5
+
+
+def test_a_sample_above_the_p99_is_added_at_once_and_moves_p99_version() -> None:
+    profile = LatencyProfile(window=64, min_samples=4)
+    for ms in [1.0, 2.0, 3.0, 4.0]:
+        profile.record("s", 1, ms)
+    v99, v = profile.p99_version, profile.version
+    profile.submit([("s", 1, 1.5)])
+    assert (profile.p99_version, profile.version) == (v99, v)  # queued: nothing moved yet
+    profile.submit([("s", 1, 50.0)])  # a stall
+    assert not profile._pending and profile.p99_version == v99 + 1 and profile.version > v
+    assert profile._buckets["s"][1].recent() == [1.0, 2.0, 3.0, 4.0, 1.5, 50.0]  # in submission order
+
+
+def test_a_bucket_still_filling_adds_every_sample_at_once() -> None:
+    profile = LatencyProfile(window=64, min_samples=8)
+    profile.submit([("s", 2, 1.0)])
+    assert not profile._pending and profile.p99_version == 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["a", "b"]), st.sampled_from([1, 3, 8]), durations), min_size=1, max_size=200),
+    st.integers(min_value=1, max_value=40),
+    st.integers(min_value=1, max_value=10),
+)
+def test_p99_predictions_never_rise_while_p99_version_stands(
+    samples: list[tuple[str, int, float]], window: int, min_samples: int
+) -> None:
+    """The contract admission plans rely on: a cached p99 prediction is never below the exact one
+    until ``p99_version`` moves."""
+    min_samples = min(min_samples, window)
+    profile = LatencyProfile(window=window, min_samples=min_samples)
+    cached: dict[tuple[str, int], float] = {}
+    version = profile.p99_version
+    for sample in samples:
+        profile.submit([sample])
+        exact = {(s, b): profile.predict_p99(s, b) for s in ("a", "b") for b in (1, 2, 4, 8, 16)}
+        if profile.p99_version != version:
+            cached, version = exact, profile.p99_version
+        for key, value in exact.items():
+            assert value <= cached.get(key, value), (key, value, cached[key])
+    reference = LatencyProfile(window=window, min_samples=min_samples)
+    for s, b, ms in samples:  # and what readers see is exactly what record() would have made
+        reference.record(s, b, ms)
+    assert profile.summary() == reference.summary()
