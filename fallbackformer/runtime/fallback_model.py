@@ -438,8 +438,8 @@ class FallbackModel(nn.Module):
         if bounds is None or bounds[0] is not spec:
             bounds = self._bounds = (spec, *_accepted_range(spec))
         if bounds[1] is not None:
-            x_min, x_max = torch.aminmax(x)
-            if bounds[1] <= float(x_min) and float(x_max) <= bounds[2]:  # NaN fails both
+            x_min, x_max = x.aminmax()  # (the method and .item(): the cheapest calls for a scalar)
+            if bounds[1] <= x_min.item() and x_max.item() <= bounds[2]:  # NaN fails both
                 return None
         elif bool(torch.isfinite(x).all()):
             return None
