@@ -187,7 +187,10 @@ class FallbackModel(nn.Module):
             n_valid = b if valid is None else int(valid.numel())
             if n_valid > 0:
                 breaker = self.breaker
-                if breaker is not None and not breaker.try_acquire():
+                if policy.on_drift == "student" and self._drift_routes(policy):
+                    state.set_reason(valid, R.CALIBRATION_DRIFT, b)  # the student serves
+                    outcome = None
+                elif breaker is not None and not breaker.try_acquire():
                     state.set_reason(valid, R.BREAKER_OPEN, b)
                     outcome = None
                 else:
@@ -284,6 +287,11 @@ class FallbackModel(nn.Module):
     def drift_monitor(self) -> ScoreDriftMonitor | None:
         """The calibration-drift monitor of ``policy.drift_check`` (None when off)."""
         return self._drift[1] if self._drift is not None and self.policy.drift_check else None
+
+    def _drift_routes(self, policy: Policy) -> bool:
+        """Whether a detected calibration drift holds (``on_drift`` routes away from the primary)."""
+        drift = self._drift
+        return policy.drift_check and drift is not None and drift[1].drifted
 
     def reset_drift(self) -> None:
         """Forget the drift state (after recalibrating the gates); answers flow normally again."""

@@ -9,7 +9,7 @@ from typing import Any
 from fallbackformer.runtime.breaker import BreakerConfig
 
 INVALID_INPUT_ACTIONS = ("raise", "default")
-DRIFT_ACTIONS = ("alert", "default")
+DRIFT_ACTIONS = ("alert", "default", "student")
 HEDGE_MODES = ("off", "auto", "always")
 HEDGE_STARTS = ("deferred", "immediate")
 COMPILE_MODES = ("off", "on", "auto")
@@ -32,13 +32,18 @@ class Policy:
             to finish by budget - margin (its predicted p50 is used; a stage that would then miss
             costs compute on the worker, never latency). Predictions come from the model's latency
             profile (seed it with ``FallbackModel.warm_up``); a path without measurements is
-            predicted at 0 ms.
+            predicted at 0 ms. Inline calls read them from a plan per batch bucket that is rebuilt
+            as soon as a new measurement may raise a p99, and every 64 calls: in between its
+            figures are never below the profile's, so admission only errs on the safe side.
         hedge: the hard deadline. ``"off"``: the primary runs on the calling thread (deadline checks
             between stages only; a hang holds the call). ``"always"``: the primary runs on a worker
             thread and the call returns by budget - margin whatever it does (the margin absorbs the
-            return path's jitter; costs a thread hand-off, about 30 us on a CPU). ``"auto"``: inline while the predicted slack is comfortable and the
-            primary has not stalled recently, hedged otherwise (so the first stall after a calm period
-            is not bounded; use ``"always"`` where a hang must never hold a call).
+            return path's jitter). It costs a thread hand-off (about 75 us on the 2-core benchmark
+            machine) and, there, a primary about 30% slower on a worker that wakes on cold caches
+            (BENCHMARKS.md: ``ratio hedged``). ``"auto"``: inline while the predicted slack is
+            comfortable and the primary has not stalled recently, hedged otherwise (so the first
+            stall after a calm period is not bounded; use ``"always"`` where a hang must never hold
+            a call).
         hedge_slack_ms: ``"auto"`` hedges when budget minus the predicted p99 of the whole primary,
             the student and the margin is below this; ``None`` means a quarter of the budget.
         hedge_after_stall_calls: ``"auto"`` hedges this many calls after the primary missed a deadline.
@@ -65,7 +70,11 @@ class Policy:
             signal ``calibration_drift`` (in ``FallbackOutput.signals`` and ``stats()``).
         on_drift: ``"alert"``: signal and count only; ``"default"``: once drift is detected, every
             answer is the safe default with reason ``calibration_drift`` until
-            ``FallbackModel.reset_drift()`` (after recalibration).
+            ``FallbackModel.reset_drift()`` (after recalibration); ``"student"``: from the call
+            after the detection until ``reset_drift()``, the primary and its exits are skipped and
+            the student answers (reason ``calibration_drift``; where the student's gate rejects, the
+            default), for a student that holds up better under shift than the primary (the shift
+            report's mCE tells whether yours does).
         drift_window: recent scores tested.
         drift_level: false-alarm probability over ``drift_horizon`` requests (Bonferroni over looks).
         drift_check_every: scores between two looks.

@@ -60,3 +60,26 @@ def test_drift_policy_is_validated():
     with pytest.raises(ValueError, match="drift_level"):
         ff.Policy(drift_level=1.5)
     assert dataclasses.asdict(ff.Policy())["drift_check"] is False
+
+
+def test_on_drift_student_skips_the_primary_from_the_next_call_until_reset(digits_system):
+    x_test, y_test = digits_system.splits["test"]
+    policy = ff.Policy(budget_ms=1e6, drift_check=True, on_drift="student", hedge="off")
+    model = digits_system.fresh_model(policy=policy)
+    shifted = corrupt(_stream(x_test, 400, seed=2), "pixelate", 5, seed=0)
+    detected = None
+    for k, xb in enumerate(shifted.split(8)):
+        out = model(xb)
+        if "calibration_drift" in out.signals:
+            detected = k
+            assert "calibration_drift" not in out.reason  # the detecting call keeps its answers
+            break
+    assert detected is not None
+    out = model(x_test)
+    assert set(out.served_by) <= {"student", "default"} and set(out.reason) == {"calibration_drift"}
+    served = [i for i, s in enumerate(out.served_by) if s == "student"]
+    student_pred = model.student(x_test[served]).argmax(1)
+    assert torch.equal(out.prediction[served], student_pred)
+    assert (out.prediction == y_test).double().mean() > 0.9  # the student on clean digits
+    model.reset_drift()
+    assert "calibration_drift" not in model(x_test[:5]).reason
