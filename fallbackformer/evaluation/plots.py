@@ -323,3 +323,35 @@ def exit_distribution(
     ax.set_title(title)
     ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     return _finish(fig, path)
+
+
+def drift_policy_accuracy(
+    accuracy: Mapping[str, Mapping[str, float | None]],
+    title: str = "After calibration drift is detected: accuracy per drift policy",
+    path: PathLike | None = None,
+) -> Figure:
+    """Grouped bars: per shift set, the accuracy each drift policy serves after detection.
+
+    Args:
+        accuracy: ``{policy: {set name: accuracy or None}}`` (None: drift never detected there).
+        title: figure title.
+        path: if given, also write a PNG there.
+    """
+    policies = list(accuracy)
+    sets = list(next(iter(accuracy.values()))) if policies else []
+    fig = _new_figure(max(6.0, 0.45 * len(sets) + 2.5), 4.2)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(policies))
+    colours = {"alert": _colour("primary"), "student": _colour("student"), "default": _colour("default")}
+    for i, p in enumerate(policies):
+        xs = [k + (i - (len(policies) - 1) / 2) * width for k in range(len(sets))]
+        ys = [accuracy[p].get(s) or 0.0 for s in sets]
+        ax.bar(xs, ys, width=width, color=colours.get(p, _colour(p, i)), label=f"on_drift={p}")
+    ax.set_xticks(range(len(sets)), sets, rotation=70 if len(sets) > 6 else 0, fontsize=7,
+                  ha="right" if len(sets) > 6 else "center")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy after detection (default = wrong)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.grid(alpha=0.3, axis="y")
+    return _finish(fig, path)

@@ -132,6 +132,18 @@ def make_figures(evaluation: Evaluation) -> dict[str, Any]:
                 policy_budget_ms=pb if in_range else None,
             ),
         )
+    drift = evaluation.drift
+    if drift and drift.get("sets"):
+        figs["drift_policies"] = (
+            (
+                "After the runtime signalled calibration_drift on a stream of one shift set (severity "
+                f"{drift['config']['severity']}), the accuracy each drift policy serves on the rest of the "
+                "stream; an abstaining default counts as wrong, and on_drift=default abstains on everything. "
+                "Sets where the drift was never detected have no bars."
+            ),
+            P.drift_policy_accuracy({p: {k: e["after"][p]["accuracy"] for k, e in drift["sets"].items()}
+                                     for p in ("alert", "student")}),
+        )
     # exit distribution: by severity (pooled) and by corruption (pooled over severities)
     by_sev: dict[str, dict[str, float]] = {}
     by_cor: dict[str, dict[str, float]] = {}
@@ -287,6 +299,43 @@ def _disparity_rows(ev: Evaluation) -> list[list[str]]:
     return rows
 
 
+def _drift_rows(ev: Evaluation) -> list[list[str]]:
+    drift = ev.drift or {}
+    rows = [["set", "held out", "detected after (requests)", "alert: accuracy", "alert: coverage",
+             "student: accuracy", "student: coverage", "better after detection"]]
+    for k, e in drift.get("sets", {}).items():
+        a, st = e["after"]["alert"], e["after"]["student"]
+        better = ""
+        if a["accuracy"] is not None and st["accuracy"] is not None:
+            better = "student" if st["accuracy"] > a["accuracy"] else ("alert" if a["accuracy"] > st["accuracy"] else "tie")
+        rows.append([k, "yes" if e["held_out"] else "", _f(e["detected_after"]) if e["detected_after"] else "never",
+                     _f(a["accuracy"]), _pct(a["coverage"]), _f(st["accuracy"]), _pct(st["coverage"]), better])
+    return rows
+
+
+def _drift_line(ev: Evaluation) -> str | None:
+    drift = ev.drift
+    if not drift:
+        return None
+    if "skipped" in drift:
+        return f"Calibration drift study skipped: {drift['skipped']}."
+    c, sm = drift["config"], drift["summary"]
+    clean = drift.get("clean")
+    alarm = ("" if clean is None else
+             f"a clean stream of {clean['requests']} requests raised "
+             + ("a FALSE ALARM" if clean["false_alarm"] else "no false alarm") + "; ")
+    acc = sm["mean_accuracy_after"]
+    better = sm["student_better"]
+    return (
+        f"Calibration drift (check on gate {c['gate']}, window {c['window']}, level {c['level']} over "
+        f"{c['horizon']} requests): {alarm}streams of {c['requests']} requests from each severity-{c['severity']} "
+        f"set raised it on {sm['detected']} of {sm['n_sets']} sets, after a median of "
+        f"{_f(sm['median_detected_after'])} requests. After detection the mean accuracy is "
+        f"{_f(acc.get('alert'))} with on_drift=alert and {_f(acc.get('student'))} with on_drift=student "
+        f"(better on {len(better)} sets: {', '.join(better) or 'none'}); on_drift=default abstains."
+    )
+
+
 def _gate_rows(ev: Evaluation) -> list[list[str]]:
     rows = [["path", "method", "alpha", "delta", "threshold", "temperature", "score", "FLOPs when it serves", "FLOPs alone"]]
     for p, g in ev.gates.items():
@@ -373,6 +422,11 @@ def render_markdown(ev: Evaluation, title: str, figure_files: Mapping[str, str] 
     parts += ["", "## Paths and gates", "", _md_table(_gate_rows(ev))]
     parts += ["", "## Across severities", "", _md_table(_summary_rows(ev)), "", "Corruption errors (mean over severities):", "",
               _md_table(_ce_rows(ev))]
+    drift_line = _drift_line(ev)
+    if drift_line:
+        parts += ["", "## Calibration drift", "", drift_line]
+        if ev.drift and ev.drift.get("sets"):
+            parts += ["", _md_table(_drift_rows(ev))]
     parts += ["", "## Per set", "", _md_table(_per_set_rows(ev))]
     parts += ["", f"## Selective risk against alpha ({base})", "", _md_table(_risk_rows(ev, base))]
     parts += ["", "## ECE per path", "", _md_table(_metric_rows(ev, "ece"))]
@@ -399,6 +453,10 @@ _DEFINITIONS_MD = """\
 - *mCE*: mean over corruptions of the error averaged over severities; normalised: divided by the same for the
   baseline path. *relative drop*: (clean accuracy - mean shifted accuracy) / clean accuracy.
 - *oracle exit*: cheapest correct exit; *oracle router*: primary or student, whichever is right.
+- *calibration drift*: `detected after`: requests of the shift stream up to the call that raised
+  `calibration_drift`; `accuracy` / `coverage` after detection: on the later requests of the same stream, with
+  `on_drift=alert` (answers as before) or `on_drift=student` (the student answers; where its gate rejects, the
+  default); an abstaining default counts as wrong and as not covered.
 - *MFLOPs*: FlopCounterMode per path, combined with the served_by mix (student and default answers
   count the whole primary plus the student). *p50/p99*: single-sample calls on the model's clock.
 """
@@ -488,6 +546,13 @@ def render_html(ev: Evaluation, title: str, figures: Mapping[str, Any], extra: M
     ce = _ce_rows(ev)
     if ce:
         h.append("<p>Corruption errors (mean over severities):</p>" + _html_table(ce))
+
+    drift_line = _drift_line(ev)
+    if drift_line:
+        h.append("<h2>Calibration drift</h2><p>" + html.escape(drift_line) + "</p>")
+        if ev.drift and ev.drift.get("sets"):
+            dr_rows = _drift_rows(ev)
+            h.append(_html_table(dr_rows, ["heldout" if r[1] else "" for r in dr_rows[1:]]))
 
     # figures
     h.append("<h2>Figures</h2><div class='figs'>")

@@ -108,6 +108,8 @@ class Evaluation(Mapping[str, dict[str, Any]]):
         gates: ``{path: {"alpha", "delta", "method", "threshold", "temperature", "score"}}``.
         held_out: corruption names that were never used for tuning.
         config: the evaluation settings.
+        drift: the calibration-drift study (:func:`fallbackformer.evaluation.drift_eval.drift_study`),
+            ``None`` when not run.
     """
 
     per_set: dict[str, dict[str, Any]]
@@ -120,6 +122,7 @@ class Evaluation(Mapping[str, dict[str, Any]]):
     gates: dict[str, dict[str, Any]] = field(default_factory=dict)
     held_out: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    drift: dict[str, Any] | None = None
 
     def __getitem__(self, key: str) -> dict[str, Any]:
         return self.per_set[key]
@@ -134,6 +137,8 @@ class Evaluation(Mapping[str, dict[str, Any]]):
         """The ``report.json`` content: one entry per set, plus ``summary`` and ``meta``."""
         out: dict[str, Any] = dict(self.per_set)
         out["summary"] = self.summary
+        if self.drift is not None:
+            out["drift"] = self.drift
         out["meta"] = {
             "paths": self.paths,
             "flops": self.flops,
@@ -702,6 +707,7 @@ def evaluate(
     emit_events: bool = False,
     num_threads: int | None = None,
     progress: bool = True,
+    drift: Mapping[str, Any] | None = None,
 ) -> Evaluation:
     """Evaluate ``model`` on every set.
 
@@ -726,6 +732,9 @@ def evaluate(
             1 is fastest for tiny models on a shared CPU and keeps latency figures free of thread
             contention.
         progress: show a tqdm progress bar.
+        drift: settings of the calibration-drift study (keyword arguments of
+            :func:`fallbackformer.evaluation.drift_eval.drift_study`: ``severity``, ``requests``,
+            ``batch_size``, ``clean_requests``, ``seed``); ``None`` skips it.
 
     Returns:
         An :class:`Evaluation` (a mapping ``set -> metrics`` with ``summary`` and figures' data).
@@ -745,10 +754,16 @@ def evaluate(
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
     try:
-        return _evaluate(
+        evaluation = _evaluate(
             model, sets, held, batch_size, latency_samples, budgets_ms, budget_sets, sweep,
             sweep_max_samples, stage_reps, emit_events, progress,
         )
+        if drift is not None:
+            from fallbackformer.evaluation.drift_eval import drift_study
+
+            evaluation.drift = drift_study(model, sets, held_out=held, **dict(drift))
+            evaluation.config["drift"] = dict(drift)
+        return evaluation
     finally:
         torch.set_num_threads(saved_threads)
 

@@ -54,3 +54,29 @@ def test_report_files(evaluation, tmp_path) -> None:
     assert "class=\"broken" in page or "class=\"exceeded" in page
     md = paths["md"].read_text()
     assert "| set |" in md and "## Across severities" in md and "figures/accuracy_vs_severity.png" in md
+    assert "## Calibration drift" not in md and "drift" not in doc  # the study was not asked for
+
+
+def test_report_shows_the_drift_study(evaluation, tmp_path) -> None:
+    import dataclasses
+
+    after = {"alert": {"accuracy": 0.4, "coverage": 1.0, "selective_accuracy": 0.4, "n_after": 96},
+             "student": {"accuracy": 0.6, "coverage": 0.8, "selective_accuracy": 0.75, "n_after": 96}}
+    drift = {
+        "config": {"severity": 3, "requests": 120, "batch_size": 8, "clean_requests": 200, "seed": 0,
+                   "gate": "exit_1", "window": 100, "level": 0.01, "check_every": 25, "horizon": 5000},
+        "clean": {"requests": 200, "false_alarm": False, "detected_after": None},
+        "sets": {"rotate/3": {"corruption": "rotate", "held_out": False, "detected_after": 24, "after": after},
+                 "fog/3": {"corruption": "fog", "held_out": True, "detected_after": None,
+                           "after": {p: {"accuracy": None, "coverage": None, "selective_accuracy": None, "n_after": 0}
+                                     for p in ("alert", "student")}}},
+        "summary": {"n_sets": 2, "detected": 1, "median_detected_after": 24,
+                    "mean_accuracy_after": {"alert": 0.4, "student": 0.6}, "student_better": ["rotate/3"]},
+    }
+    paths = write_report(dataclasses.replace(evaluation, drift=drift), tmp_path)
+    md, page = paths["md"].read_text(), paths["html"].read_text()
+    assert "## Calibration drift" in md and "raised it on 1 of 2 sets" in md and "no false alarm" in md
+    assert "| rotate/3 |  | 24 | 0.400 | 100.0% | 0.600 | 80.0% | student |" in md
+    assert "| fog/3 | yes | never |" in md
+    assert "<h2>Calibration drift</h2>" in page and "id='fig-drift_policies'" in page
+    assert json.loads(paths["json"].read_text())["drift"]["summary"]["detected"] == 1
