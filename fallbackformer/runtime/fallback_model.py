@@ -42,6 +42,7 @@ from fallbackformer.gates.drift import ScoreDriftMonitor
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.runtime import reasons as R
+from fallbackformer.runtime.admission import AdmissionPlan, AdmissionPlanner
 from fallbackformer.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from fallbackformer.runtime.clock import NS_PER_MS, Clock, MonotonicClock, median_ms
 from fallbackformer.runtime.events import EventSink, FallbackEvent
@@ -49,6 +50,7 @@ from fallbackformer.runtime.hedging import Hedger, HedgeStatus
 from fallbackformer.runtime.latency import LatencyProfile
 from fallbackformer.runtime.output import FallbackOutput
 from fallbackformer.runtime.policy import Policy
+from fallbackformer.runtime.request_state import RequestState
 from fallbackformer.runtime.validation import (
     InputSpec,
     InvalidInputError,
@@ -70,8 +72,6 @@ _OK, _PREDICTED, _EXCEEDED, _ERROR, _NONFINITE, _TIMEOUT, _BUSY = (
     "timeout",
     "busy",
 )
-#: an inline admission plan is rebuilt at least this often (calls), to follow a machine that got faster
-PLAN_REFRESH_CALLS = 64
 #: calls whose answers are tallied into the counters in one pass (stats() always counts them all)
 TALLY_BATCH = 64
 
@@ -159,8 +159,7 @@ class FallbackModel(nn.Module):
         self._stage_names = tuple(f"stage_{i}" for i in range(n))
         self._exit_name = {s: self.path_names[k] for k, s in enumerate(primary.exit_stages)}
         self._units: dict[str, Callable[..., Any]] = {}
-        self._segments_cache: dict[tuple[bool, ...], tuple[int, ...]] = {}
-        self._plans: dict[tuple[int, bool], tuple[tuple[Any, ...], _Plan]] = {}  # (bucket, hedged) -> (key, plan)
+        self._planner = AdmissionPlanner(self._stage_names)
         self._no_exit = [False] * n
         self._live_cache: tuple[tuple[tuple[torch.Tensor | None, int], ...], tuple[bool, ...]] | None = None
         self._early_exits = [(s, self._exit_name[s]) for s in primary.exit_stages[:-1]]
@@ -180,7 +179,7 @@ class FallbackModel(nn.Module):
         request_id = f"{self._id_prefix}-{seq}"
         x = check_batch(x, self.input_spec)
         b = x.shape[0]
-        state = _RequestState(b, start_ns, start_ns + budget_ns, seq, self._live_exits())
+        state = RequestState(b, start_ns, start_ns + budget_ns, seq, self._live_exits())
 
         with contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode():
             valid = self._valid_indices(x, state, policy)  # None: every sample is valid
@@ -439,7 +438,7 @@ class FallbackModel(nn.Module):
 
     # ------------------------------------------------------------------ input
 
-    def _valid_indices(self, x: torch.Tensor, state: _RequestState, policy: Policy) -> torch.Tensor | None:
+    def _valid_indices(self, x: torch.Tensor, state: RequestState, policy: Policy) -> torch.Tensor | None:
         """Indices of the valid samples, ``None`` when all are (the fast path: one reduction)."""
         spec = self.input_spec
         bounds = self._bounds
@@ -485,40 +484,14 @@ class FallbackModel(nn.Module):
         self._live_cache = (key, tuple(live))
         return self._live_cache[1]
 
-    def _segment_ends(self, live: tuple[bool, ...]) -> tuple[int, ...]:
-        """Per stage ``i``: the stage whose exit ends the segment that starts at ``i`` (admission)."""
-        ends = self._segments_cache.get(live)
-        if ends is None:
-            n = len(live)
-            ends = tuple(next(j for j in range(i, n) if live[j]) for i in range(n))
-            self._segments_cache[live] = ends
-        return ends
-
-    def _plan(self, n: int, policy: Policy, live: tuple[bool, ...], hedged: bool, seq: int) -> _Plan:
-        """The admission plan at batch size ``n``, cached per batch bucket.
-
-        An inline plan is rebuilt when a p99 prediction may have risen (``profile.p99_version``),
-        when the policy's budget or margin or the live exits changed, and every
-        ``PLAN_REFRESH_CALLS`` calls (so it also follows a machine that got faster): in between,
-        its p99 figures are never below the exact ones, so admission stays conservative. A hedged
-        plan (medians, which any new sample may move) is rebuilt on every change of the profile.
-        """
-        profile = self.profile
-        version = profile.version if hedged else profile.p99_version
-        key = (profile, version, seq // PLAN_REFRESH_CALLS, policy.budget_ms, policy.margin_ms, live)
-        slot = (1 << (n - 1).bit_length(), hedged)
-        entry = self._plans.get(slot)
-        if entry is not None and entry[0] == key:
-            return entry[1]
-        plan = _Plan.build(profile, self._stage_names, self._segment_ends(live), n, policy, hedged)
-        self._plans[slot] = (key, plan)
-        return plan
+    def _plan(self, n: int, policy: Policy, live: tuple[bool, ...], hedged: bool, seq: int) -> AdmissionPlan:
+        return self._planner.plan(self.profile, n, policy, live, hedged, seq)
 
     def _walk_primary(
         self,
         x: torch.Tensor,
         valid: torch.Tensor | None,
-        state: _RequestState,
+        state: RequestState,
         policy: Policy,
         cancel: threading.Event | None,
     ) -> None:
@@ -621,7 +594,7 @@ class FallbackModel(nn.Module):
             else:
                 profile.submit(timings)
 
-    def _should_hedge(self, policy: Policy, state: _RequestState, n: int) -> bool:
+    def _should_hedge(self, policy: Policy, state: RequestState, n: int) -> bool:
         mode = policy.hedge
         if mode == "off":
             return False
@@ -649,7 +622,7 @@ class FallbackModel(nn.Module):
                 weakref.finalize(self, Hedger.close, self._hedger).atexit = False
             return self._hedger
 
-    def _hedged(self, x: torch.Tensor, valid: torch.Tensor | None, state: _RequestState, policy: Policy) -> str:
+    def _hedged(self, x: torch.Tensor, valid: torch.Tensor | None, state: RequestState, policy: Policy) -> str:
         """Run the primary on a worker and have the student ready by the deadline; return the outcome."""
         clock = self.clock
         b = x.shape[0]
@@ -704,7 +677,7 @@ class FallbackModel(nn.Module):
         return outcome
 
     def _worker_error(
-        self, error: BaseException | None, valid: torch.Tensor | None, state: _RequestState, device: torch.device
+        self, error: BaseException | None, valid: torch.Tensor | None, state: RequestState, device: torch.device
     ) -> str:
         """A hedging worker died outside the walk's handler: the unserved samples fall back with a record."""
         rest = state.unserved(valid, device)
@@ -727,7 +700,7 @@ class FallbackModel(nn.Module):
     # ------------------------------------------------------------------ the student
 
     def _student_answer(
-        self, x: torch.Tensor, idx: torch.Tensor, state: _RequestState
+        self, x: torch.Tensor, idx: torch.Tensor, state: RequestState
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The student's ``(idx, logits, accept, confidence, prediction)`` on samples ``idx``, ``None`` if it failed."""
         clock = self.clock
@@ -745,7 +718,7 @@ class FallbackModel(nn.Module):
         self.profile.record(STUDENT_UNIT, n, (clock.now_ns() - t0) / NS_PER_MS)
         return idx, logits, accept, conf, prediction
 
-    def _run_student(self, x: torch.Tensor, idx: torch.Tensor, state: _RequestState) -> None:
+    def _run_student(self, x: torch.Tensor, idx: torch.Tensor, state: RequestState) -> None:
         if state.student_done:
             return
         answer = self._student_answer(x, idx, state)
@@ -775,7 +748,7 @@ class FallbackModel(nn.Module):
     def _default_prediction(self, policy: Policy) -> int:
         return -1 if policy.default_class is None else int(policy.default_class)
 
-    def _record(self, out: FallbackOutput, state: _RequestState, policy: Policy) -> None:
+    def _record(self, out: FallbackOutput, state: RequestState, policy: Policy) -> None:
         """Tally the answer (in batches; :meth:`stats` counts every call) and emit its events."""
         tallies = self._tallies
         tallies.append((tuple(out.served_by), tuple(out.reason)))  # (atomic; copies: the caller owns out)
@@ -809,233 +782,6 @@ class FallbackModel(nn.Module):
                 except Exception:  # a broken sink must not break serving; it is counted
                     with self._lock:
                         self.sink_errors += 1
-
-
-class _RequestState:
-    """Per-call bookkeeping, per sample, in the original order.
-
-    Shared between the caller and a hedging worker in a hedged call (``shared``): every write then
-    holds the lock, and after :meth:`freeze` (the caller answered at the deadline) the worker's
-    writes are ignored.
-    """
-
-    __slots__ = (
-        "b", "start_ns", "deadline_ns", "served_by", "n_served", "reason", "parts", "timings", "detail",
-        "outcome", "num_classes", "probe", "primary_ms", "shared", "frozen", "student_done", "drift_scores", "lock",
-        "seq", "live",
-    )
-
-    def __init__(
-        self, b: int, start_ns: int, deadline_ns: int, seq: int = 0, live: tuple[bool, ...] = ()
-    ) -> None:
-        self.b = b
-        self.seq = seq  # the call's number on its model
-        self.live = live  # per stage: whether an exit after it can serve (FallbackModel._live_exits)
-        self.start_ns = start_ns
-        self.deadline_ns = deadline_ns
-        self.served_by: list[str | None] = [None] * b
-        self.n_served = 0
-        self.reason = [""] * b
-        # (idx, logits, confidence, prediction) of each path that served; idx None: the whole batch
-        self.parts: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.timings: list[tuple[str, int, float]] = []  # (stage, batch, ms): by the walking thread only
-        self.detail = ""
-        self.outcome: str | None = None
-        self.num_classes = 0
-        self.probe = False  # admission is lifted for this call (a liveness probe)
-        self.primary_ms = 0.0
-        self.shared = False
-        self.frozen = False
-        self.student_done = False
-        self.drift_scores: torch.Tensor | None = None  # the first live gate's scores, for the drift check
-        self.lock = threading.Lock()
-
-    # -- writes (the worker's are ignored once frozen) ----------------------------------------
-    def freeze(self) -> None:
-        with self.lock:
-            self.frozen = True
-
-    def add_detail(self, text: str) -> None:
-        with self.lock:
-            self.detail = f"{self.detail}; {text}" if self.detail else text
-
-    def set_reason(
-        self,
-        idx: torch.Tensor | None,
-        reason: str,
-        b: int,
-        caller: bool = False,
-        only_unset: bool = False,
-    ) -> None:
-        """Give ``reason`` to samples ``idx`` (original indices; ``None``: all).
-
-        Args:
-            caller: the calling thread's own write (a worker's writes stop at the freeze).
-            only_unset: keep the reason of samples that already have one.
-        """
-        if idx is not None and idx.numel() == 0:
-            return
-        with self.lock:
-            if self.frozen and not caller:
-                return
-            rows = range(b) if idx is None else idx.tolist()
-            for i in rows:
-                if not (only_unset and self.reason[i]):
-                    self.reason[i] = reason
-
-    def serve(
-        self,
-        active: torch.Tensor | None,
-        accept: torch.Tensor | None,
-        name: str,
-        logits: torch.Tensor,
-        conf: torch.Tensor,
-        prediction: torch.Tensor,
-        b: int,
-    ) -> bool:
-        """Serve the accepted rows (``accept`` over ``active``; ``None``: all rows) by ``name``.
-
-        Returns ``False`` (and serves nothing) when the call was already answered.
-        """
-        if accept is not None:
-            rows = torch.nonzero(accept).flatten()
-            idx = rows if active is None else active[rows]
-            logits, conf, prediction = logits[rows], conf[rows], prediction[rows]
-        else:
-            idx = active
-        with self.lock:
-            if self.frozen:
-                return False
-            self.parts.append((idx, logits, conf, prediction))
-            if idx is None:
-                self.served_by = [name] * b
-                self.n_served = b
-            else:
-                for i in idx.tolist():
-                    self.served_by[i] = name
-                self.n_served += int(idx.numel())
-        return True
-
-    def serve_student(
-        self,
-        idx: torch.Tensor,
-        logits: torch.Tensor,
-        accept: torch.Tensor,
-        conf: torch.Tensor,
-        prediction: torch.Tensor,
-        b: int,
-    ) -> None:
-        """Serve the student's accepted rows (the caller's own write: never blocked by the freeze)."""
-        rows = torch.nonzero(accept).flatten()
-        if rows.numel() == 0:
-            return
-        chosen = idx[rows.to(idx.device)]
-        with self.lock:
-            self.parts.append((chosen, logits[rows], conf[rows], prediction[rows]))
-            for i in chosen.tolist():
-                self.served_by[i] = R.STUDENT
-            self.n_served += int(chosen.numel())
-
-    # -- reads ---------------------------------------------------------------------------------
-    def unserved(self, valid: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-        """Valid samples nobody served yet (original indices on ``device``), ``None`` when none."""
-        with self.lock:
-            if self.n_served == self.b:
-                return None
-            served = self.served_by
-            if valid is None:
-                rows = [i for i, s in enumerate(served) if s is None]
-            else:
-                rows = [i for i in valid.tolist() if served[i] is None]
-        return torch.tensor(rows, dtype=torch.long, device=device) if rows else None
-
-    def unserved_mask(self, idx: torch.Tensor) -> torch.Tensor:
-        """BoolTensor over ``idx``: still unserved."""
-        with self.lock:
-            flags = [self.served_by[i] is None for i in idx.tolist()]
-        return torch.tensor(flags, dtype=torch.bool, device=idx.device)
-
-    def stage_ms_snapshot(self) -> list[float]:
-        return [t[2] for t in list(self.timings)]  # a list copy is atomic under the GIL
-
-    def output(self, latency_ms: float, request_id: str, default_prediction: int, device: torch.device) -> FallbackOutput:
-        with self.lock:  # after the freeze nobody writes here again: the lists can be handed out
-            self.frozen = True
-            parts = self.parts
-            served_by = self.served_by
-            if None in served_by:
-                served_by = [s if s is not None else R.DEFAULT for s in served_by]
-            reason = self.reason
-        b = self.b
-        if parts and parts[0][1].is_cuda:  # made on a side stream by a hedged walk: keep them alive for ours
-            current = torch.cuda.current_stream()
-            for _, lg, cf, pd in parts:
-                lg.record_stream(current)
-                cf.record_stream(current)
-                pd.record_stream(current)
-        if len(parts) == 1 and parts[0][0] is None:  # one path served the whole batch
-            _, logits, conf, prediction = parts[0]
-            logits = logits if logits.dtype == torch.float32 else logits.float()
-            confidence = conf if conf.dtype == torch.float32 else conf.float()
-        else:
-            num_classes = parts[0][1].shape[1] if parts else self.num_classes
-            prediction = torch.full((b,), default_prediction, dtype=torch.long, device=device)
-            confidence = torch.full((b,), float("nan"), device=device)
-            logits = torch.full((b, num_classes), float("nan"), device=device)
-            for idx, lg, cf, pd in parts:
-                target = slice(None) if idx is None else idx.to(device)
-                logits[target] = lg.float()
-                prediction[target] = pd
-                confidence[target] = cf.float()
-        return FallbackOutput(
-            prediction=prediction,
-            served_by=served_by,
-            reason=reason,
-            confidence=confidence,
-            latency_ms=latency_ms,
-            logits=logits,
-            request_id=request_id,
-        )
-
-
-class _Plan:
-    """Admission at one batch bucket, read off the latency profile once and reused across calls.
-
-    ``limits[i]``: the latest time (ns after the call's start) at which stage ``i`` may start: the
-    budget less the predicted time of the stages up to the next live exit, the student's p99 (inline
-    calls; a hedged call has its student provided for) and the margin, never past the budget.
-    Inline plans predict each stage by its p99, hedged ones by its p50 (see ``Policy.admission``).
-    """
-
-    __slots__ = ("limits", "student_ms", "total_ms")
-
-    def __init__(self, limits: tuple[float, ...], student_ms: float, total_ms: float) -> None:
-        self.limits = limits
-        self.student_ms = student_ms  # the student's predicted p99 (inline plans)
-        self.total_ms = total_ms  # every stage's and the student's p99, and the margin (inline plans)
-
-    @classmethod
-    def build(
-        cls,
-        profile: LatencyProfile,
-        stages: tuple[str, ...],
-        ends: tuple[int, ...],
-        n: int,
-        policy: Policy,
-        hedged: bool,
-    ) -> _Plan:
-        budget_ms, margin = policy.budget_ms, policy.margin_ms
-        budget_ns = int(budget_ms * NS_PER_MS)
-        if hedged:  # more likely than not to finish by budget - margin
-            per_stage = profile.predict_many(stages, n, 0.5)
-            student = 0.0
-        else:  # the segment's p99 and then the student's p99 fit, with the margin
-            *per_stage, student = profile.predict_p99_many((*stages, STUDENT_UNIT), n)
-        limits = tuple(
-            min(budget_ns, (budget_ms - (sum(per_stage[i : ends[i] + 1]) + student + margin)) * NS_PER_MS)
-            for i in range(len(stages))
-        )
-        return cls(limits, student, sum(per_stage) + student + margin)
 
 
 def _select(active: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
