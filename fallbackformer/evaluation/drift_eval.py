@@ -108,8 +108,7 @@ def drift_study(
             f"drift_study needs requests >= 1, batch_size >= 1, clean_requests >= 0; got "
             f"{requests}, {batch_size}, {clean_requests}"
         )
-    live = model._live_exits()
-    first = next(model._exit_name[i] for i, ok in enumerate(live) if ok)
+    first = model.drift_gate
     if model.gates[first].reference_scores.numel() < 2:
         return {"skipped": f"gate {first!r} carries no calibration-time reference scores; recalibrate it"}
     held = set(held_out)

@@ -287,6 +287,12 @@ class FallbackModel(nn.Module):
         """The calibration-drift monitor of ``policy.drift_check`` (None when off)."""
         return self._drift[1] if self._drift is not None and self.policy.drift_check else None
 
+    @property
+    def drift_gate(self) -> str:
+        """The gate the drift check watches: the first that can serve (it sees every sample walked)."""
+        live = self._live_exits()
+        return self._exit_name[next(i for i, ok in enumerate(live) if ok)]
+
     def _drift_routes(self, policy: Policy) -> bool:
         """Whether a detected calibration drift holds (``on_drift`` routes away from the primary)."""
         drift = self._drift
@@ -299,9 +305,7 @@ class FallbackModel(nn.Module):
 
     def _check_drift(self, out: FallbackOutput, scores: torch.Tensor, policy: Policy) -> None:
         """Feed the first live gate's scores to the drift monitor; signal, and route if the policy says."""
-        live = self._live_exits()
-        first = next(i for i, ok in enumerate(live) if ok)
-        name = self._exit_name[first]
+        name = self.drift_gate
         key = (name, policy.drift_window, policy.drift_level, policy.drift_check_every, policy.drift_horizon)
         with self._drift_lock:
             if self._drift is None or self._drift[0] != key:
