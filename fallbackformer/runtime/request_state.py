@@ -34,7 +34,7 @@ class RequestState:
     )
 
     def __init__(
-        self, b: int, start_ns: int, deadline_ns: int, seq: int = 0, live: tuple[bool, ...] = ()
+        self, b: int, start_ns: int, deadline_ns: int, seq: int, live: tuple[bool, ...]
     ) -> None:
         self.b = b
         self.seq = seq  # the call's number on its model
