@@ -7,7 +7,8 @@ scipy or torchmetrics).
 from fallbackformer.gates.drift import InputRangeCheck, ScoreDriftMonitor
 from fallbackformer.gates.gate import METHODS, ConfidenceGate
 from fallbackformer.gates.learned import LearnedScore
-from fallbackformer.gates.risk_control import hb_pvalue, threshold_grid
+from fallbackformer.gates.pvalues import binom_pvalue, hb_pvalue, ltt_pvalues, min_accepted
+from fallbackformer.gates.risk_control import threshold_grid
 from fallbackformer.gates.scores import (
     SCORES,
     compute_score,
@@ -26,14 +27,17 @@ __all__ = [
     "InputRangeCheck",
     "LearnedScore",
     "ScoreDriftMonitor",
+    "binom_pvalue",
     "brier",
     "calibrate_system",
     "compute_score",
     "ece",
     "fit_temperature",
     "hb_pvalue",
+    "ltt_pvalues",
     "margin",
     "max_softmax",
+    "min_accepted",
     "neg_entropy",
     "nll",
     "patience",

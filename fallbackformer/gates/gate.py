@@ -29,7 +29,7 @@ from fallbackformer.gates.temperature import fit_temperature
 
 __all__ = ["ConfidenceGate", "METHODS", "reference_sample"]
 
-METHODS = ("ltt_hb", "crc", "empirical")
+METHODS = ("ltt_binom", "ltt_hb", "crc", "empirical")
 _SCORE_NAMES = tuple(SCORES) + ("learned",)
 REFERENCE_SIZE = 512
 CONFIG_VERSION = 1
@@ -256,7 +256,7 @@ class ConfidenceGate(nn.Module):
         labels: Tensor,
         alpha: float = 0.05,
         delta: float = 0.1,
-        method: str = "ltt_hb",
+        method: str = "ltt_binom",
         score: str = "max_softmax",
         *,
         temperature: float | None = None,
@@ -269,10 +269,11 @@ class ConfidenceGate(nn.Module):
             logits: ``[N, C]`` calibration logits (uncalibrated).
             labels: ``[N]`` labels.
             alpha: target selective risk (error rate among accepted answers).
-            delta: allowed probability that the guarantee fails (``ltt_hb``).
-            method: ``ltt_hb`` (Learn-then-Test, Hoeffding-Bentkus, fixed-sequence testing:
-                ``P(selective risk <= alpha) >= 1 - delta``), ``crc`` (conformal risk control:
-                ``E[P(accepted and wrong)] <= alpha``) or ``empirical`` (no guarantee).
+            delta: allowed probability that the guarantee fails (``ltt_binom``, ``ltt_hb``).
+            method: ``ltt_binom`` (default: Learn-then-Test with the exact binomial p-value,
+                fixed-sequence testing: ``P(selective risk <= alpha) >= 1 - delta``), ``ltt_hb``
+                (the same with the more conservative Hoeffding-Bentkus p-value), ``crc`` (conformal
+                risk control: ``E[P(accepted and wrong)] <= alpha``) or ``empirical`` (no guarantee).
             score: ``max_softmax``, ``margin``, ``neg_entropy`` or ``learned``.
             temperature: use this temperature instead of fitting one on the calibration split.
             score_train: ``(logits, labels)`` of a split disjoint from calibration, used to train

@@ -1,29 +1,34 @@
-"""Risk-controlled thresholds: Learn-then-Test (Hoeffding-Bentkus, fixed sequence), CRC, empirical.
+"""Risk-controlled thresholds: Learn-then-Test (exact binomial or Hoeffding-Bentkus, fixed sequence), CRC, empirical.
 
 A gate accepts a sample when its score is ``>= threshold``. The threshold is chosen on a
 calibration split from a FIXED grid (:func:`threshold_grid`: it depends on the score and the number
 of classes only, never on data), so each grid point is a hypothesis stated before the data is seen.
 
-``ltt_hb`` (Angelopoulos, Bates, Candes, Jordan, Lei 2021, "Learn then Test")
-    Controls the *selective risk* ``R(t) = P(wrong | score >= t)`` with high probability:
+``ltt_binom`` (the default) and ``ltt_hb`` (Angelopoulos, Bates, Candes, Jordan, Lei 2021, "Learn then Test")
+    Control the *selective risk* ``R(t) = P(wrong | score >= t)`` with high probability:
     ``P(R(t_hat) <= alpha) >= 1 - delta`` over the calibration draw. For each grid threshold ``t``
-    the null ``H_t: R(t) > alpha`` is tested with the Hoeffding-Bentkus p-value computed from the
-    ``n(t)`` accepted calibration samples and the ``k(t)`` errors among them (given ``n(t)``, the
-    accepted samples are i.i.d. from the law of ``(X, Y)`` given ``score >= t``, so
-    ``k(t) ~ Binomial(n(t), R(t))``). The nulls are tested by fixed-sequence testing from the most
-    conservative threshold down, at level ``delta`` each, stopping at the first non-rejection; the
-    chosen threshold is the last rejected one. Fixed-sequence testing controls the family-wise
-    error at ``delta`` whatever the dependence between the p-values.
+    the null ``H_t: R(t) > alpha`` is tested from the ``n(t)`` accepted calibration samples and the
+    ``k(t)`` errors among them: given ``n(t)``, the accepted samples are i.i.d. from the law of
+    ``(X, Y)`` given ``score >= t``, so ``k(t) ~ Binomial(n(t), R(t))``. ``ltt_binom`` uses the
+    exact binomial tail ``P(Binomial(n, alpha) <= k)``, valid because that law is stochastically
+    larger than ``Binomial(n, alpha)`` under the null, and the most powerful choice for a 0-1 loss;
+    ``ltt_hb`` uses the Hoeffding-Bentkus p-value, valid for any bounded loss and more conservative
+    here (:mod:`fallbackformer.gates.pvalues`). The nulls are tested by fixed-sequence testing from
+    the most conservative threshold down, at level ``delta`` each, stopping at the first
+    non-rejection; the chosen threshold is the last rejected one. Fixed-sequence testing controls
+    the family-wise error at ``delta`` whatever the dependence between the p-values.
 
     Where the sequence starts: the highest thresholds accept almost nothing and can never be
-    rejected (with ``n`` accepted samples and no error the HB p-value is still above ``delta``
-    until ``n >= n_min(alpha, delta)``), so a sequence started at the very top would always stop
-    at once. The sequence therefore starts at the most conservative grid threshold that accepts at
-    least ``n_min`` calibration samples: a rule that reads the scores only, never the labels (the
-    practice of Angelopoulos & Bates, "A Gentle Introduction to Conformal Prediction", section on
-    selective classification). Strictly, LTT asks for a sequence fixed before any data is seen;
-    the count-based start conditions on how many samples fall in the top region only, and the unit
-    tests measure the resulting violation rate over thousands of random splits.
+    rejected (with ``n`` accepted samples and no error the p-value of either method is
+    ``(1 - alpha)^n``, above ``delta`` until ``n >= n_min(alpha, delta)``,
+    :func:`~fallbackformer.gates.pvalues.min_accepted`), so a sequence started at the very top
+    would always stop at once. The sequence therefore starts at the most conservative grid
+    threshold that accepts at least ``n_min`` calibration samples: a rule that reads the scores
+    only, never the labels (the practice of Angelopoulos & Bates, "A Gentle Introduction to
+    Conformal Prediction", section on selective classification). Strictly, LTT asks for a sequence
+    fixed before any data is seen; the count-based start conditions on how many samples fall in
+    the top region only, and the unit tests measure the resulting violation rate over thousands of
+    random splits, for both methods.
 
 ``crc`` (Angelopoulos, Bates, Fisch, Lei, Schuster 2022, "Conformal Risk Control")
     Controls in expectation the *joint error rate* ``P(accepted and wrong)`` (the share of all
@@ -43,14 +48,27 @@ import math
 import torch
 from torch import Tensor
 
+from fallbackformer.gates.pvalues import (
+    LTT_METHODS,
+    binom_pvalue,
+    hb_min_samples,
+    hb_pvalue,
+    ltt_pvalues,
+    min_accepted,
+)
 from fallbackformer.gates.scores import score_range
 
 __all__ = [
+    "LTT_METHODS",
     "acceptance_counts",
+    "binom_pvalue",
     "fixed_sequence",
     "hb_min_samples",
     "hb_pvalue",
     "ltt_hb_threshold",
+    "ltt_pvalues",
+    "ltt_threshold",
+    "min_accepted",
     "crc_threshold",
     "empirical_threshold",
     "select_threshold",
@@ -157,86 +175,6 @@ def crc_threshold(scores: Tensor, errors: Tensor, alpha: float, grid: Tensor) ->
     return _select_lowest(run, grid)
 
 
-# ---------------------------------------------------------------------------------------------
-# Hoeffding-Bentkus p-value
-# ---------------------------------------------------------------------------------------------
-
-_CHUNK_ELEMS = 1 << 22
-
-
-def _log_binom_cdf(k: Tensor, n: Tensor, p: float) -> Tensor:
-    """``log P(Binomial(n, p) <= k)`` for integer tensors ``k < n * p`` (same shape), float64.
-
-    Exact sum of the pmf in log space over ``j = 0..k``; evaluated once per distinct ``(n, k)``
-    pair, in chunks that keep memory bounded.
-    """
-    shape = k.shape
-    k = k.flatten().long()
-    n = n.flatten().long()
-    out = torch.zeros(k.shape, dtype=torch.float64)
-    if k.numel() == 0:
-        return out.reshape(shape)
-    kmax = int(k.max())
-    key = n * (kmax + 1) + k
-    uniq, inverse = torch.unique(key, return_inverse=True)
-    un = (uniq // (kmax + 1)).double()
-    uk = (uniq % (kmax + 1)).double()
-    j = torch.arange(kmax + 1, dtype=torch.float64)  # [K]
-    logp, log1mp = math.log(p), math.log1p(-p)
-    res = torch.empty(uniq.shape, dtype=torch.float64)
-    rows = max(1, _CHUNK_ELEMS // (kmax + 1))
-    for a in range(0, uniq.numel(), rows):
-        nn_ = un[a : a + rows, None]  # [R, 1]
-        kk = uk[a : a + rows, None]
-        logpmf = (
-            torch.lgamma(nn_ + 1) - torch.lgamma(j + 1) - torch.lgamma((nn_ - j).clamp(min=0) + 1)
-            + j * logp + (nn_ - j) * log1mp
-        )  # [R, K]
-        logpmf = torch.where(j <= kk, logpmf, torch.full_like(logpmf, -math.inf))
-        res[a : a + rows] = torch.logsumexp(logpmf, dim=1)
-    out = res[inverse]
-    return out.reshape(shape)
-
-
-def hb_pvalue(k: Tensor, n: Tensor, alpha: float) -> Tensor:
-    """Hoeffding-Bentkus p-value for ``H0: R > alpha`` from ``k`` losses among ``n`` samples (binary loss).
-
-    ``p = min(exp(-n h(min(k/n, alpha), alpha)), e * P(Binomial(n, alpha) <= k))`` with
-    ``h(a, b) = a log(a/b) + (1-a) log((1-a)/(1-b))`` (Bates et al. 2021, Learn then Test, eq. for
-    ``p^HB``). When ``k >= n * alpha`` the p-value is 1 (the Hoeffding term is 1 and the Bentkus
-    term is ``>= e/2``); when ``n == 0`` it is 1.
-
-    Args:
-        k: integer tensor of losses (errors).
-        n: integer tensor of sample sizes, same shape.
-        alpha: the risk level tested.
-
-    Returns:
-        float64 tensor of p-values in ``(0, 1]``, same shape.
-    """
-    k = torch.as_tensor(k).long()
-    n = torch.as_tensor(n).long()
-    k, n = torch.broadcast_tensors(k, n)
-    p = torch.ones(k.shape, dtype=torch.float64)
-    live = (n > 0) & (k.double() < n.double() * alpha)
-    if not live.any():
-        return p
-    kl, nl = k[live], n[live]
-    r = kl.double() / nl.double()
-    a = torch.tensor(alpha, dtype=torch.float64)
-    h = torch.xlogy(r, r / a) + torch.xlogy(1 - r, (1 - r) / (1 - a))
-    log_hoeff = -nl.double() * h
-    log_bent = 1.0 + _log_binom_cdf(kl, nl, alpha)
-    p[live] = torch.minimum(log_hoeff, log_bent).exp().clamp(max=1.0)
-    return p
-
-
-def hb_min_samples(alpha: float, delta: float) -> int:
-    """The smallest ``n`` for which ``n`` samples with no loss give an HB p-value ``<= delta``."""
-    # with k = 0 both terms are (1 - alpha)^n (times e for Bentkus): Hoeffding is the smaller
-    return max(1, math.ceil(math.log(delta) / math.log1p(-alpha) - 1e-12))
-
-
 def fixed_sequence(pvalues: Tensor, delta: float, start: Tensor | None = None) -> Tensor:
     """Fixed-sequence testing along the last axis (index 0 = first hypothesis tested).
 
@@ -262,17 +200,58 @@ def fixed_sequence(pvalues: Tensor, delta: float, start: Tensor | None = None) -
 
 
 def _ltt_from_counts(
-    n: Tensor, k: Tensor, alpha: float, delta: float
+    n: Tensor, k: Tensor, alpha: float, delta: float, method: str = "ltt_binom"
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """LTT-HB along the grid from counts ``n, k`` ``[S, G]``: ``(last, start, pvalues)``."""
-    pv = hb_pvalue(k, n, alpha)  # [S, G]
-    n_min = hb_min_samples(alpha, delta)
+    """LTT along the grid from counts ``n, k`` ``[S, G]``: ``(last, start, pvalues)``."""
+    pv = ltt_pvalues(k, n, alpha, method)  # [S, G]
+    n_min = min_accepted(alpha, delta, method)
     testable = n >= n_min  # nondecreasing along the grid (lower thresholds accept more)
     g = n.shape[-1]
     start = torch.where(testable, torch.arange(g), torch.full_like(n, g)).min(dim=-1).values
     last = fixed_sequence(pv, delta, start)
     last = torch.where(start < g, last, torch.full_like(last, -1))
     return last, start, pv
+
+
+def ltt_threshold(
+    scores: Tensor,
+    errors: Tensor,
+    alpha: float,
+    delta: float,
+    grid: Tensor,
+    method: str = "ltt_binom",
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, dict]:
+    """Learn-then-Test threshold for the selective risk (fixed-sequence testing down the grid).
+
+    Args:
+        scores: ``[S, N]`` or ``[N]`` calibration scores (NaN = never accepted).
+        errors: same shape, bool.
+        alpha: selective-risk target.
+        delta: allowed failure probability.
+        grid: ``[G]`` thresholds, most conservative first (:func:`threshold_grid`).
+        method: the p-value: ``ltt_binom`` (exact binomial tail) or ``ltt_hb`` (Hoeffding-Bentkus).
+        return_info: also return a dict of tensors explaining the choice.
+
+    Returns:
+        float64 ``[S]`` thresholds (0-dim for 1-D input), +inf where no threshold is certified;
+        with ``return_info``, also ``{"n", "k", "pvalues", "start", "last", "n_min", "method"}``.
+    """
+    if method not in LTT_METHODS:
+        raise ValueError(f"unknown Learn-then-Test method {method!r}; choose one of {list(LTT_METHODS)}.")
+    n, k = acceptance_counts(scores, errors, grid)
+    squeeze = n.dim() == 1
+    if squeeze:
+        n, k = n[None], k[None]
+    last, start, pv = _ltt_from_counts(n, k, alpha, delta, method)
+    thr = grid[last.clamp(min=0)].double()
+    thr = torch.where(last >= 0, thr, torch.full_like(thr, math.inf))
+    info = {"n": n, "k": k, "pvalues": pv, "start": start, "last": last,
+            "n_min": min_accepted(alpha, delta, method), "method": method}
+    if squeeze:
+        thr = thr[0]
+        info = {key: (v[0] if isinstance(v, Tensor) else v) for key, v in info.items()}
+    return (thr, info) if return_info else thr
 
 
 def ltt_hb_threshold(
@@ -283,38 +262,17 @@ def ltt_hb_threshold(
     grid: Tensor,
     return_info: bool = False,
 ) -> Tensor | tuple[Tensor, dict]:
-    """Learn-then-Test threshold for the selective risk (Hoeffding-Bentkus + fixed sequence).
+    """:func:`ltt_threshold` with the Hoeffding-Bentkus p-value (``method="ltt_hb"``)."""
+    return ltt_threshold(scores, errors, alpha, delta, grid, "ltt_hb", return_info)
 
-    Args:
-        scores: ``[S, N]`` or ``[N]`` calibration scores (NaN = never accepted).
-        errors: same shape, bool.
-        alpha: selective-risk target.
-        delta: allowed failure probability.
-        grid: ``[G]`` thresholds, most conservative first (:func:`threshold_grid`).
-        return_info: also return a dict of tensors explaining the choice.
 
-    Returns:
-        float64 ``[S]`` thresholds (0-dim for 1-D input), +inf where no threshold is certified;
-        with ``return_info``, also ``{"n", "k", "pvalues", "start", "last", "n_min"}``.
-    """
-    n, k = acceptance_counts(scores, errors, grid)
-    squeeze = n.dim() == 1
-    if squeeze:
-        n, k = n[None], k[None]
-    last, start, pv = _ltt_from_counts(n, k, alpha, delta)
-    thr = grid[last.clamp(min=0)].double()
-    thr = torch.where(last >= 0, thr, torch.full_like(thr, math.inf))
-    info = {"n": n, "k": k, "pvalues": pv, "start": start, "last": last,
-            "n_min": hb_min_samples(alpha, delta)}
-    if squeeze:
-        thr = thr[0]
-        info = {key: (v[0] if isinstance(v, Tensor) else v) for key, v in info.items()}
-    return (thr, info) if return_info else thr
+_PVALUE_NAMES = {"ltt_binom": "exact binomial", "ltt_hb": "Hoeffding-Bentkus"}
+_PVALUE_SHORT = {"ltt_binom": "binomial", "ltt_hb": "HB"}
 
 
 def _ltt_explain(info: dict, alpha: float, delta: float, what: str) -> dict:
-    """The guarantee fields for one LTT run (1-D info from :func:`ltt_hb_threshold`)."""
-    n, k, pv = info["n"], info["k"], info["pvalues"]
+    """The guarantee fields for one LTT run (1-D info from :func:`ltt_threshold`)."""
+    n, k, pv, method = info["n"], info["k"], info["pvalues"], info["method"]
     start, last, n_min = int(info["start"]), int(info["last"]), info["n_min"]
     g = n.shape[-1]
     out: dict = {"risk": "selective_risk", "kind": "high_probability", "n_min": n_min}
@@ -332,7 +290,7 @@ def _ltt_explain(info: dict, alpha: float, delta: float, what: str) -> dict:
     if last < 0:
         out.update(satisfied=False, p_value_first=float(pv[start]), reason=(
             f"the most conservative testable threshold (accepting {int(n[start])} calibration "
-            f"samples, {int(k[start])} wrong) has HB p-value {float(pv[start]):.3g} > "
+            f"samples, {int(k[start])} wrong) has {_PVALUE_SHORT[method]} p-value {float(pv[start]):.3g} > "
             f"delta={delta:g}: selective risk <= {alpha:g} cannot be certified. The gate accepts "
             "nothing."))
         return out
@@ -340,7 +298,7 @@ def _ltt_explain(info: dict, alpha: float, delta: float, what: str) -> dict:
         satisfied=True,
         p_value=float(pv[last]),
         n_tested=last - start + 1,
-        reason=f"Learn-then-Test (Hoeffding-Bentkus, fixed sequence over {g} fixed thresholds): "
+        reason=f"Learn-then-Test ({_PVALUE_NAMES[method]} p-value, fixed sequence over {g} fixed thresholds): "
         + statement,
     )
     return out
@@ -360,8 +318,8 @@ def select_threshold(
         A dict with ``threshold`` (float, +inf when nothing qualifies), ``satisfied`` (bool),
         ``reason`` (str), ``risk`` (which risk is controlled) and ``kind`` (the guarantee's kind).
     """
-    if method == "ltt_hb":
-        thr_t, info = ltt_hb_threshold(scores, errors, alpha, delta, grid, return_info=True)
+    if method in LTT_METHODS:
+        thr_t, info = ltt_threshold(scores, errors, alpha, delta, grid, method, return_info=True)
         return {"threshold": float(thr_t), **_ltt_explain(info, alpha, delta, "selective risk")}
     if method == "empirical":
         thr = float(empirical_threshold(scores, errors, alpha, grid))
@@ -393,4 +351,4 @@ def select_threshold(
                 f"alpha={alpha}; the gate accepts nothing"
             ),
         }
-    raise ValueError(f"unknown method {method!r}; choose 'ltt_hb', 'crc' or 'empirical'.")
+    raise ValueError(f"unknown method {method!r}; choose one of {[*LTT_METHODS, 'crc', 'empirical']}.")

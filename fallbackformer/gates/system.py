@@ -16,9 +16,11 @@ natural path for calibrated scores: every gate answers exactly when it is at lea
 confident, so no gate is held to a stricter standard than another. Learn-then-Test runs along
 the fixed ``lambda`` grid (:func:`~fallbackformer.gates.risk_control.threshold_grid`), from the
 most conservative value down: at each ``lambda`` the cascade is simulated exactly as the runtime
-runs it, the Hoeffding-Bentkus p-value of ``H: system selective risk(lambda) > alpha`` is
-computed from the served count and the errors among them, and fixed-sequence testing stops at the
-first ``lambda`` it cannot reject. The budget is thus shared implicitly: the mix of exits, primary
+runs it, the p-value of ``H: system selective risk(lambda) > alpha`` is computed from the served
+count and the errors among them (method ``ltt_binom``, the default: the exact binomial tail, valid
+because given the served count the served samples are i.i.d. and their errors binomial;
+``ltt_hb``: Hoeffding-Bentkus, more conservative), and fixed-sequence testing stops at the first
+``lambda`` it cannot reject. The budget is thus shared implicitly: the mix of exits, primary
 and student that the cascade produces at ``lambda`` is what the test certifies.
 
 Deadline robustness (``deadline_robust=True``, the default). A deadline can cut the cascade
@@ -209,8 +211,8 @@ def system_thresholds(
             ok = ((n > 0) & (k <= alpha * n)).all(dim=1)  # [S, G]
             last = torch.where(ok, torch.arange(grid.numel()), torch.full_like(ok, -1, dtype=torch.long)).max(-1).values
         else:
-            pv = rc.hb_pvalue(k, n, alpha).amax(dim=1)  # [S, G] intersection-union p-value
-            n_min = rc.hb_min_samples(alpha, delta)
+            pv = rc.ltt_pvalues(k, n, alpha, method).amax(dim=1)  # [S, G] intersection-union p-value
+            n_min = rc.min_accepted(alpha, delta, method)
             testable = (n >= n_min).all(dim=1)  # [S, G], nondecreasing along the grid
             g = grid.numel()
             start = torch.where(testable, torch.arange(g), torch.full_like(testable, g, dtype=torch.long)).min(-1).values
@@ -232,7 +234,7 @@ def calibrate_system(
     labels: Tensor,
     alpha: float = 0.05,
     delta: float = 0.1,
-    method: str = "ltt_hb",
+    method: str = "ltt_binom",
     score: str = "max_softmax",
     *,
     temperatures: Sequence[float] | None = None,
@@ -250,7 +252,7 @@ def calibrate_system(
         labels: ``[N]``.
         alpha: system selective-risk target (error rate among answers not served by the default).
         delta: allowed failure probability of the guarantee.
-        method: ``ltt_hb`` (default), ``crc`` or ``empirical`` (see the module docstring).
+        method: ``ltt_binom`` (default), ``ltt_hb``, ``crc`` or ``empirical`` (see the module docstring).
         score: the score every gate uses.
         temperatures: one per gate (``E + 1``); fitted on the calibration split when None.
         deadline_robust: certify every truncated cascade too (see the module docstring).
@@ -375,10 +377,10 @@ def _explain(info: dict, method: str, alpha: float, delta: float, m: int, thr: f
                        "on more data or raise alpha/delta. All gates accept nothing."), extra
     if last < 0:
         pv = float(info["pvalues"][start])
-        return False, (f"at the most conservative testable threshold the largest HB p-value over {scope} is "
+        return False, (f"at the most conservative testable threshold the largest {rc._PVALUE_SHORT[method]} p-value over {scope} is "
                        f"{pv:.3g} > delta={delta:g}: system selective risk <= {alpha:g} cannot be certified. "
                        "All gates accept nothing."), {**extra, "p_value_first": pv}
     extra.update(p_value=float(info["pvalues"][last]), n_tested=last - start + 1)
-    return True, (f"Learn-then-Test (Hoeffding-Bentkus, fixed sequence over {g} common thresholds): with "
+    return True, (f"Learn-then-Test ({rc._PVALUE_NAMES[method]} p-value, fixed sequence over {g} common thresholds): with "
                   f"probability >= {1 - delta:g} over the calibration draw, the system selective risk of "
                   f"{scope} is <= {alpha:g}"), extra

@@ -14,7 +14,7 @@ Config keys (``cfg`` is the ``gate`` node, a dict or an OmegaConf ``DictConfig``
 ``mode``            ``per_path`` (default) or ``system``
 ``alpha``           system: one float; per_path: ``{exits, primary, student}`` or one float
 ``delta``           failure probability of the guarantee (default 0.1)
-``method``          ``ltt_hb`` (default), ``crc``, ``empirical``
+``method``          ``ltt_binom`` (default), ``ltt_hb``, ``crc``, ``empirical``
 ``score``           ``max_softmax`` (default), ``margin``, ``neg_entropy``, ``learned``
 ``deadline_robust`` system mode: certify every truncated cascade too (default true)
 ``grid_size``       size of the fixed threshold grid (default 2000)
@@ -97,7 +97,7 @@ def calibrate_gates(
     if mode not in MODES:
         raise ValueError(f"gate mode {mode!r} is unknown; choose one of {list(MODES)}.")
     delta = float(_get(cfg, "delta", 0.1))
-    method = str(_get(cfg, "method", "ltt_hb"))
+    method = str(_get(cfg, "method", "ltt_binom"))
     score = str(_get(cfg, "score", "max_softmax"))
     grid_size = int(_get(cfg, "grid_size", 2000))
     alpha_cfg = _get(cfg, "alpha", 0.05)
