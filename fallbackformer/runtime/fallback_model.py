@@ -39,7 +39,9 @@ import torch
 from torch import nn
 
 from fallbackformer.gates.drift import ScoreDriftMonitor
+from fallbackformer.gates.evidence import Evidence
 from fallbackformer.gates.gate import ConfidenceGate
+from fallbackformer.gates.router import Router
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.admission import AdmissionPlan, AdmissionPlanner
@@ -95,6 +97,9 @@ class FallbackModel(nn.Module):
         profile: the latency profile to read and update (a fresh one by default; a bundle may
             bring one from its manifest).
         breaker: a circuit breaker to use instead of the one ``policy.breaker`` describes.
+        router: a certified :class:`~fallbackformer.gates.router.Router`. With one, the student runs
+            first for every valid sample and the router decides at every exit from the evidence
+            (the gates then only serve the calibration-drift check); without, each gate decides alone.
 
     >>> model = FallbackModel(primary, student, gates, policy=Policy(budget_ms=5.0))  # doctest: +SKIP
     >>> model.warm_up(x_example)  # doctest: +SKIP
@@ -114,6 +119,7 @@ class FallbackModel(nn.Module):
         class_names: Sequence[str] | None = None,
         profile: LatencyProfile | None = None,
         breaker: CircuitBreaker | None = None,
+        router: Router | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(primary, MultiExitNet):
@@ -125,6 +131,10 @@ class FallbackModel(nn.Module):
         self.student = student
         self.path_names: list[str] = primary.exit_names + [R.STUDENT]
         self.gates = nn.ModuleDict(_gates_by_name(gates, self.path_names))
+        if router is not None and router.num_exits != primary.num_exits:
+            raise ValueError(f"the router routes {router.num_exits} heads; the primary has {primary.num_exits}. "
+                             "Fit the router on this primary")
+        self.router = router
         self.policy = policy or Policy()
         self.input_spec = input_spec
         self.clock: Clock = clock or MonotonicClock()
@@ -184,6 +194,8 @@ class FallbackModel(nn.Module):
         with contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode():
             valid = self._valid_indices(x, state, policy)  # None: every sample is valid
             n_valid = b if valid is None else int(valid.numel())
+            if n_valid > 0 and self.router is not None:
+                self._student_first(x, valid, state)
             if n_valid > 0:
                 breaker = self.breaker
                 if policy.on_drift == "student" and self._drift_routes(policy):
@@ -471,6 +483,8 @@ class FallbackModel(nn.Module):
         Cached on the identity and version counter of each early gate's threshold buffer: a new gate,
         a new buffer or an in-place change (``fill_``) recomputes it.
         """
+        if self._modules["router"] is not None:  # the router decides at every exit
+            return (True,) * len(self._no_exit)
         modules = self._modules["gates"]._modules  # (the hot path: no nn.Module attribute lookup)
         buffers = [modules[name]._buffers.get("threshold") for _, name in self._early_exits]
         cached = self._live_cache
@@ -520,6 +534,8 @@ class FallbackModel(nn.Module):
         last = len(self._stage_names) - 1
         timings = state.timings  # (stage, batch size, ms): appended by this thread only
         h: Any = None
+        router = self._modules["router"]
+        evidence = None if router is None else Evidence(student_logits=_rows(state.student_logits, active))
         try:
             for i, name in enumerate(self._stage_names):
                 now = clock.now_ns()
@@ -548,10 +564,19 @@ class FallbackModel(nn.Module):
                 logits = units[self._head_units[i]](h)
                 _check_logits(logits, n, exit_name)
                 state.num_classes = logits.shape[1]
-                # The gate's confidence is NaN exactly on rows with a non-finite logit, never accepted.
-                accept, conf, prediction = gates[exit_name].decide(logits)
-                if state.drift_scores is None:
-                    state.drift_scores = conf  # the first live gate sees every sample walked
+                if evidence is not None:  # the router decides from the evidence
+                    evidence.exit_logits.append(logits)
+                    evidence.feature_scores.append(router.feature_scores[len(evidence.exit_logits) - 1](h))
+                    if i == last:
+                        timings.append((name, n, (clock.now_ns() - now) / NS_PER_MS))
+                        self._route_final(evidence, logits, active, state, b, deadline_ns)
+                        break
+                    accept, conf, prediction = router.decide_exit(evidence, len(evidence.exit_logits) - 1)
+                else:
+                    # The gate's confidence is NaN exactly on rows with a non-finite logit, never accepted.
+                    accept, conf, prediction = gates[exit_name].decide(logits)
+                    if state.drift_scores is None:
+                        state.drift_scores = conf  # the first live gate sees every sample walked
                 n_accept = int(accept.sum()) if n > 1 else int(accept.item())  # (one sync; no reduction at batch 1)
                 done_ns = clock.now_ns()
                 timings.append((name, n, (done_ns - now) / NS_PER_MS))
@@ -584,6 +609,8 @@ class FallbackModel(nn.Module):
                     if n == 0:
                         break
                     h = h[keep]
+                    if evidence is not None:
+                        evidence = evidence.select(keep)
                     if admission:  # the rest of the walk is planned at the smaller batch
                         limits = self._plan(n, policy, live, hedged, state.seq).limits
             if state.outcome is None:
@@ -676,6 +703,8 @@ class FallbackModel(nn.Module):
         if student is not None:
             idx, logits, accept, conf, prediction = student
             still = state.unserved_mask(idx).to(accept.device)  # [k]: the primary did not serve them since
+            if state.router_rejected is not None:  # the router judged these with the primary's evidence
+                still &= ~torch.isin(idx, state.router_rejected.to(idx.device)).to(accept.device)
             state.serve_student(idx, logits, still & accept, conf, prediction, b)
         state.student_done = True
         return outcome
@@ -701,6 +730,54 @@ class FallbackModel(nn.Module):
             with self._lock:
                 self._hedge_calls_left = policy.hedge_after_stall_calls
 
+    # ------------------------------------------------------------------ the router
+
+    def _student_first(self, x: torch.Tensor, valid: torch.Tensor | None, state: RequestState) -> None:
+        """The router's evidence: the student's logits for every valid sample, ``[B, C]`` (NaN rows: none)."""
+        clock = self.clock
+        t0 = clock.now_ns()
+        n = x.shape[0] if valid is None else int(valid.numel())
+        try:
+            logits = self._units[STUDENT_UNIT](x if valid is None else x[valid])
+            _check_logits(logits, n, R.STUDENT)
+        except Exception as exc:  # the router then sees NaN evidence and accepts nothing: the default serves
+            state.add_detail(f"student {type(exc).__name__}: {exc}"[:200])
+            return
+        if valid is not None:
+            full = torch.full((x.shape[0], logits.shape[1]), float("nan"), dtype=logits.dtype, device=logits.device)
+            full[valid] = logits
+            logits = full
+        state.student_logits = logits
+        state.num_classes = logits.shape[1]
+        self.profile.record(STUDENT_UNIT, n, (clock.now_ns() - t0) / NS_PER_MS)
+
+    def _route_final(self, evidence: Evidence, logits: torch.Tensor, active: torch.Tensor | None,
+                     state: RequestState, b: int, deadline_ns: int) -> None:
+        """After the final head: the primary, the student (``router_preferred``) or the default."""
+        if self.clock.now_ns() > deadline_ns:  # the primary answered too late: it does not serve
+            state.set_reason(active, R.DEADLINE_EXCEEDED, b)
+            state.outcome = _EXCEEDED
+            return
+        accept, use_student, conf, prediction = self._modules["router"].decide_final(evidence)
+        primary_rows = accept & ~use_student
+        student_rows = accept & use_student
+        if bool(primary_rows.any()):
+            if not state.serve(active, primary_rows, R.PRIMARY, logits, conf, prediction, b):
+                return  # frozen: the caller has answered at the deadline
+        if bool(student_rows.any()):
+            if not state.serve(active, student_rows, R.STUDENT, evidence.student_logits, conf, prediction, b):
+                return
+            state.set_reason(_select(active, student_rows), R.ROUTER_PREFERRED, b)
+        rejected = ~accept
+        if bool(rejected.any()):
+            finite = torch.isfinite(logits).all(1)
+            rows = _select(active, rejected & finite)
+            state.set_reason(rows, R.LOW_CONFIDENCE, b)
+            state.router_rejected = rows  # the router judged both answers: the default serves them
+            if not bool(finite.all()):
+                state.set_reason(_select(active, rejected & ~finite), R.NONFINITE_OUTPUT, b)
+                state.outcome = _NONFINITE
+
     # ------------------------------------------------------------------ the student
 
     def _student_answer(
@@ -709,6 +786,13 @@ class FallbackModel(nn.Module):
         """The student's ``(idx, logits, accept, confidence, prediction)`` on samples ``idx``, ``None`` if it failed."""
         clock = self.clock
         n = int(idx.numel())
+        router = self._modules["router"]
+        if router is not None:  # the student already ran: the router judges it alone
+            if state.student_logits is None:
+                return None  # it failed (recorded): the default serves
+            logits = state.student_logits[idx]
+            accept, conf, prediction = router.decide_student_alone(logits)
+            return idx, logits, accept, conf, prediction
         t0 = clock.now_ns()
         try:
             xs = x if n == x.shape[0] else x[idx]
@@ -725,6 +809,10 @@ class FallbackModel(nn.Module):
     def _run_student(self, x: torch.Tensor, idx: torch.Tensor, state: RequestState) -> None:
         if state.student_done:
             return
+        if state.router_rejected is not None:  # judged by the router with the primary's evidence
+            idx = idx[~torch.isin(idx, state.router_rejected.to(idx.device))]
+            if idx.numel() == 0:
+                return
         answer = self._student_answer(x, idx, state)
         if answer is not None:
             state.serve_student(*answer, x.shape[0])
@@ -786,6 +874,11 @@ class FallbackModel(nn.Module):
                 except Exception:  # a broken sink must not break serving; it is counted
                     with self._lock:
                         self.sink_errors += 1
+
+
+def _rows(t: torch.Tensor | None, active: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows ``active`` of ``t`` (all of them when ``active`` is ``None``)."""
+    return t if t is None or active is None else t[active]
 
 
 def _select(active: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:

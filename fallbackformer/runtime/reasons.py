@@ -10,6 +10,7 @@ NONFINITE_OUTPUT = "nonfinite_output"
 BREAKER_OPEN = "breaker_open"
 INVALID_INPUT = "invalid_input"
 CALIBRATION_DRIFT = "calibration_drift"
+ROUTER_PREFERRED = "router_preferred"  # the router judged the student more likely right than the primary
 
 REASONS: tuple[str, ...] = (
     LOW_CONFIDENCE,
@@ -20,6 +21,7 @@ REASONS: tuple[str, ...] = (
     BREAKER_OPEN,
     INVALID_INPUT,
     CALIBRATION_DRIFT,
+    ROUTER_PREFERRED,
 )
 
 # served_by values besides "exit_<i>".

@@ -30,7 +30,7 @@ class RequestState:
     __slots__ = (
         "b", "start_ns", "deadline_ns", "served_by", "n_served", "reason", "parts", "timings", "detail",
         "outcome", "num_classes", "probe", "primary_ms", "shared", "frozen", "student_done", "drift_scores", "lock",
-        "seq", "live",
+        "seq", "live", "student_logits", "router_rejected",
     )
 
     def __init__(
@@ -57,6 +57,8 @@ class RequestState:
         self.student_done = False
         self.drift_scores: torch.Tensor | None = None  # the first live gate's scores, for the drift check
         self.lock = threading.Lock()
+        self.student_logits: torch.Tensor | None = None  # [B, C], computed first when a router decides
+        self.router_rejected: torch.Tensor | None = None  # rows the router sent to the default after the final head
 
     # -- writes (the worker's are ignored once frozen) ----------------------------------------
     def freeze(self) -> None:
