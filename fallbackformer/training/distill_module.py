@@ -1,4 +1,9 @@
-"""LightningModule that distills a student from a frozen primary (Hinton et al., 2015)."""
+"""LightningModule that distills a student from a frozen primary (Hinton et al., 2015).
+
+With an :class:`~fallbackformer.data.augment.AugMix` augmentation the loss is the Hinton loss on the
+clean view (teacher on the clean images) plus ``lambda_jsd`` times the Jensen-Shannon consistency of
+the student over (clean, augmix1, augmix2).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from fallbackformer.data.augment import AugMix
 from fallbackformer.models.multi_exit import MultiExitNet
+from fallbackformer.training.robust import jensen_shannon
 
 
 def hinton_loss(
@@ -55,6 +62,8 @@ class DistillModule(L.LightningModule):
         num_classes: number of classes.
         temperature: distillation temperature T.
         alpha: weight of the soft term (the hard-label term gets ``1 - alpha``).
+        augment: AugMix for the JSD consistency loss (``None``, the default: clean training only);
+            its ``lambda_jsd`` weighs the JSD term.
     """
 
     def __init__(
@@ -65,6 +74,7 @@ class DistillModule(L.LightningModule):
         num_classes: int,
         temperature: float = 4.0,
         alpha: float = 0.7,
+        augment: AugMix | None = None,
     ) -> None:
         super().__init__()
         self.student = student
@@ -74,15 +84,24 @@ class DistillModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.temperature, self.alpha = float(temperature), float(alpha)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.augment = augment
 
     def on_train_epoch_start(self) -> None:
         self.teacher.eval()  # Lightning sets every submodule to train mode
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y = batch  # x: [B, 1, 8, 8], y: [B]
         with torch.no_grad():
             teacher_logits = self.teacher(x)[-1]
-        loss = hinton_loss(self.student(x), teacher_logits, y, self.temperature, self.alpha)
+        if self.augment is None:
+            loss = hinton_loss(self.student(x), teacher_logits, y, self.temperature, self.alpha)
+        else:
+            views = torch.cat([x, *self.augment.views(x, 2)])  # [3B, 1, 8, 8]: clean, aug1, aug2
+            logits = self.student(views)  # [3B, C]
+            distill = hinton_loss(logits[: x.shape[0]], teacher_logits, y, self.temperature, self.alpha)
+            jsd = jensen_shannon(*logits.chunk(3))
+            loss = distill + self.augment.lambda_jsd * jsd
+            self.log("train/jsd", jsd)
         self.log("train/distill_loss", loss, prog_bar=True)
         return loss
 

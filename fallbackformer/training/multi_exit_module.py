@@ -1,4 +1,10 @@
-"""LightningModule that trains a MultiExitNet: a weighted sum of the exits' cross-entropies."""
+"""LightningModule that trains a MultiExitNet: a weighted sum of the exits' cross-entropies.
+
+With an :class:`~fallbackformer.data.augment.AugMix` augmentation, each training batch also gets two
+AugMix views; the loss is the exits' cross-entropy on the clean view plus ``lambda_jsd`` times the
+Jensen-Shannon consistency over (clean, augmix1, augmix2), applied on EVERY exit with the same exit
+weights (each exit answers on its own at serving time, so each should be robust on its own).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from fallbackformer.data.augment import AugMix
 from fallbackformer.models.multi_exit import MultiExitNet
+from fallbackformer.training.robust import jensen_shannon
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -25,6 +33,8 @@ class MultiExitModule(L.LightningModule):
         exit_weights: loss weight per exit (defaults to equal weights); the final exit's weight
             is the primary's.
         label_smoothing: cross-entropy label smoothing.
+        augment: AugMix for the JSD consistency loss (``None``, the default: clean training only);
+            its ``lambda_jsd`` weighs the JSD term.
     """
 
     def __init__(
@@ -34,6 +44,7 @@ class MultiExitModule(L.LightningModule):
         num_classes: int,
         exit_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
+        augment: AugMix | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -45,6 +56,7 @@ class MultiExitModule(L.LightningModule):
             )
         self.register_buffer("exit_weights", torch.tensor(weights) / sum(weights))
         self.label_smoothing = label_smoothing
+        self.augment = augment
         self.val_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in weights)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -54,9 +66,23 @@ class MultiExitModule(L.LightningModule):
         losses = torch.stack([F.cross_entropy(lg, y, label_smoothing=self.label_smoothing) for lg in all_logits])
         return (losses * self.exit_weights).sum()
 
+    def _jsd(self, all_logits: list[torch.Tensor]) -> torch.Tensor:
+        """Exit-weighted JSD; each entry of ``all_logits`` is ``[3B, C]`` (clean, aug1, aug2)."""
+        jsds = torch.stack([jensen_shannon(*lg.chunk(3)) for lg in all_logits])
+        return (jsds * self.exit_weights).sum()
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = self._loss(self.model(x), y)
+        x, y = batch  # x: [B, 1, 8, 8], y: [B]
+        if self.augment is None:
+            loss = self._loss(self.model(x), y)
+        else:
+            views = torch.cat([x, *self.augment.views(x, 2)])  # [3B, 1, 8, 8]: clean, aug1, aug2
+            all_logits = self.model(views)  # per exit [3B, C]
+            ce = self._loss([lg[: x.shape[0]] for lg in all_logits], y)
+            jsd = self._jsd(all_logits)
+            loss = ce + self.augment.lambda_jsd * jsd
+            self.log("train/ce", ce)
+            self.log("train/jsd", jsd)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

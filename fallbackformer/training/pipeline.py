@@ -62,10 +62,17 @@ def _fit(module: L.LightningModule, datamodule: L.LightningDataModule, trainer_c
     return best, metrics
 
 
+def _augmentation(cfg: DictConfig) -> Any:
+    """The training augmentation of ``cfg.augment`` (a fresh one, seeded), or ``None``."""
+    from fallbackformer.data.augment import optional_augmentation
+
+    return optional_augmentation(instantiate(cfg.augment)) if cfg.get("augment") is not None else None
+
+
 def train_primary(cfg: DictConfig, datamodule: L.LightningDataModule, workdir: Path) -> tuple[MultiExitNet, dict]:
     """Train the primary's exits jointly; the checkpoint is chosen on the validation split."""
     primary: MultiExitNet = instantiate(cfg.primary.model)
-    module = instantiate(cfg.primary.module)(model=primary)
+    module = instantiate(cfg.primary.module)(model=primary, augment=_augmentation(cfg))
     best, _ = _fit(module, datamodule, cfg.trainer, cfg.primary.monitor, None, workdir / "primary")
     return primary.eval(), {"val_acc_primary": best}
 
@@ -74,7 +81,7 @@ def distill_student(cfg: DictConfig, datamodule: L.LightningDataModule, primary:
                     workdir: Path) -> tuple[nn.Module, dict]:
     """Distill the student from the frozen primary's final exit (Hinton loss)."""
     student: nn.Module = instantiate(cfg.student.model)
-    module = instantiate(cfg.student.module)(student=student, teacher=primary)
+    module = instantiate(cfg.student.module)(student=student, teacher=primary, augment=_augmentation(cfg))
     best, _ = _fit(module, datamodule, cfg.trainer, cfg.student.monitor, cfg.student.max_epochs,
                    workdir / "student")
     return student.eval(), {"val_acc_student": best}

@@ -1,0 +1,33 @@
+"""``augment=augmix`` composes into the main job and builds what the training modules take."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from fallbackformer.data.augment import AugMix
+from fallbackformer.data.shift import HELD_OUT, TUNING_CORRUPTIONS
+from fallbackformer.training.pipeline import _augmentation
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="run", overrides=overrides)
+
+
+def test_augmix_composes_and_reaches_the_modules():
+    cfg = _compose(["augment=augmix", "seed=5"])
+    aug = _augmentation(cfg)
+    assert isinstance(aug, AugMix)
+    assert aug.config.seed == 5 and aug.config.width == 3 and aug.lambda_jsd == cfg.augment.config.lambda_jsd
+    assert set(aug.config.operations) == set(TUNING_CORRUPTIONS) and not set(aug.config.operations) & HELD_OUT
+
+
+def test_the_default_is_no_augmentation():
+    cfg = _compose([])
+    assert cfg.augment._target_ == "fallbackformer.data.augment.NoAugmentation"
+    assert _augmentation(cfg) is None
