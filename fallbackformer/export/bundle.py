@@ -57,6 +57,7 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST = "manifest.json"
 DIGEST_FIELD = "manifest_sha256"
 MODEL_FILES = {"primary": "primary.safetensors", "student": "student.safetensors"}
+ROUTER_FILE = "router.safetensors"
 BACKENDS = ("torch", "onnxruntime")
 COMBINED_ONNX = "model.onnx"
 
@@ -264,6 +265,9 @@ def save(
         "evaluation": _json_safe(dict(evaluation), "evaluation") if evaluation is not None else None,
         "degradation": _json_safe(dict(degradation), "degradation") if degradation is not None else None,
     }
+    router = getattr(model, "router", None)
+    if router is not None:  # its tensors in a weights file, its construction and guarantee in the manifest
+        manifest["router"] = {**_json_safe(router.to_config(), "router"), "file": ROUTER_FILE}
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -272,6 +276,9 @@ def save(
 
         for role, filename in MODEL_FILES.items():
             save_file(states[role], str(tmp / filename), metadata={"role": role, "format": FORMAT})
+        if router is not None:
+            save_file({k: v.detach().contiguous() for k, v in router.state_dict().items()}, str(tmp / ROUTER_FILE),
+                      metadata={"role": "router", "format": FORMAT})
         if onnx:
             manifest["onnx"] = _write_onnx(model, tmp, example_input)
         manifest["files"] = {
@@ -424,6 +431,23 @@ def load_weights(path: str | Path, manifest: Mapping[str, Any], role: str) -> nn
     return model.eval()
 
 
+def _load_router(path: Path, manifest: Mapping[str, Any]) -> Any:
+    """The manifest's router (``None`` when it has none), rebuilt from its config and weights file."""
+    section = manifest.get("router")
+    if section is None:
+        return None
+    from safetensors.torch import load_file
+
+    from fallbackformer.gates.router import Router
+
+    try:
+        state = load_file(str(path / section["file"]))
+        return Router.from_config(section, state).eval()
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise BundleError(f"{path / MANIFEST}: the router section cannot be rebuilt ({exc}); re-save the "
+                          "bundle with ff.save") from None
+
+
 def load(
     path: str | Path,
     backend: str = "torch",
@@ -474,6 +498,7 @@ def load(
         primary = load_weights(path, manifest, "primary")
         student = load_weights(path, manifest, "student")
     gates = {name: ConfidenceGate.from_config(cfg) for name, cfg in manifest["gates"].items()}
+    router = _load_router(path, manifest)
     spec = manifest.get("input_spec")
     saved_profile = manifest.get("latency_profile")
     try:  # the saving machine's timings, as priors (see the module docstring); absent: a fresh profile
@@ -493,6 +518,7 @@ def load(
         sinks=sinks,
         class_names=manifest.get("class_names"),
         profile=profile,
+        router=router,
     )
     if list(model.path_names) != list(manifest["paths"]):
         raise BundleError(

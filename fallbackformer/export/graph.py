@@ -94,6 +94,10 @@ class CombinedGraph(nn.Module):
         self.student = model.student
         self.path_names: list[str] = list(model.path_names)
         self.gates = nn.ModuleList([model.gates[name] for name in self.path_names])
+        self.router = getattr(model, "router", None)
+        if self.router is not None and variant != "where":
+            raise ValueError(f"variant {variant!r} does not carry a router yet; export a routed model with "
+                             "variant='where' (the student and every stage run, the router selects per sample)")
         self.codes = served_by_codes(self.path_names)
         self.default_code = len(self.codes) - 1
         self.student_code = len(self.codes) - 2
@@ -163,9 +167,48 @@ class CombinedGraph(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``x`` [B, ...] raw input -> (prediction [B], served_by [B], confidence [B], logits [B, C])."""
+        if self.router is not None:
+            return self._forward_router(x)
         if self.variant == "cond":
             return self._forward_cond(x)
         return self._forward_where(x)
+
+    def _forward_router(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The runtime's routed decisions (``FallbackModel`` with a router), per sample, no deadline."""
+        from fallbackformer.gates.evidence import Evidence
+
+        router = self.router
+        alive = ~self._bad(x)  # [B] samples still walking the stages
+        to_student = torch.zeros_like(alive)  # [B] samples the student alone judges
+        student_logits = self.student(x).float()  # [B, C]: the student runs first
+        evidence = Evidence(student_logits=student_logits)
+        state = self._initial_state(x, student_logits)
+        h = self.input_transform(x)
+        last = len(self.exit_stages) - 1
+        k = 0
+        for i, stage in enumerate(self.stages):
+            h = stage(h)
+            if i not in self.exit_stages:
+                continue
+            logits = self.heads[str(i)](h).float()  # [B, C]
+            evidence.exit_logits.append(logits)
+            evidence.feature_scores.append(router.feature_scores[k](h))
+            finite = torch.isfinite(logits).all(dim=1)  # [B]
+            if k < last:
+                accepted, conf, _ = router.decide_exit(evidence, k)
+                take = alive & accepted & finite
+                state = self._take(take, k, logits, conf, state)
+                to_student = to_student | (alive & ~finite)
+                alive = alive & ~take & finite
+            else:
+                accepted, use_student, conf, _ = router.decide_final(evidence)
+                take = alive & accepted
+                state = self._take(take & ~use_student, k, logits, conf, state)
+                state = self._take(take & use_student, self.student_code, student_logits, conf, state)
+                to_student = to_student | (alive & ~accepted & ~finite)
+            k += 1
+        accepted, conf, _ = router.decide_student_alone(student_logits)
+        return self._take(to_student & accepted, self.student_code, student_logits, conf, state)
 
     def _forward_where(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         alive = ~self._bad(x)  # [B] samples still walking the stages

@@ -29,10 +29,11 @@ from torch import Tensor, nn
 
 from fallbackformer.gates.evidence import Evidence
 from fallbackformer.gates.pvalues import ltt_pvalues, min_accepted
+from fallbackformer.gates.risk_control import fixed_sequence
 from fallbackformer.gates.router import Router
 
-__all__ = ["RouterProbabilities", "certify", "collect_evidence", "router_grid", "router_probabilities",
-           "cascade_counts"]
+__all__ = ["RouterProbabilities", "cascade_counts", "certified_index", "certify", "collect_evidence",
+           "mixture_covers", "router_grid", "router_probabilities"]
 
 
 def router_grid(size: int = 800) -> Tensor:
@@ -187,25 +188,39 @@ def certify(router: Router, evidence: Evidence, labels: Tensor, alpha: float, de
     return router
 
 
+def certified_index(n: Tensor, k: Tensor, alpha: float, delta: float, method: str) -> tuple[Tensor, int, Tensor]:
+    """Fixed-sequence Learn-then-Test over the grid, vectorised over splits.
+
+    Args:
+        n, k: ``[..., J, G]`` answered and wrong counts of every cascade at every threshold.
+
+    Returns:
+        ``(last, n_min, start)``: per split the index of the last certified threshold (``-1``: none),
+        the fewest answers that can certify, and where each sequence started (``G``: nowhere).
+    """
+    n_min = min_accepted(alpha, delta, method)
+    g = n.shape[-1]
+    testable = (n >= n_min).all(dim=-2)  # [..., G]: every cascade testable (a count that reads no label)
+    idx = torch.arange(g)
+    start = torch.where(testable, idx, torch.full_like(idx, g)).min(dim=-1).values
+    p = ltt_pvalues(k, n, alpha, method).amax(dim=-2)  # [..., G]: the worst cascade (intersection-union)
+    last = fixed_sequence(p, delta, start.clamp(max=g - 1))
+    last = torch.where(start < g, last, torch.full_like(last, -1))
+    return last, n_min, start
+
+
 def _fixed_sequence(n: Tensor, k: Tensor, grid: Tensor, alpha: float, delta: float,
                     method: str) -> tuple[float, dict[str, Any]]:
-    n_min = min_accepted(alpha, delta, method)
-    start = torch.nonzero((n >= n_min).all(dim=0)).flatten()  # every cascade testable (reads no label)
-    if start.numel() == 0:
+    last, n_min, start = certified_index(n, k, alpha, delta, method)
+    if int(start) >= grid.shape[0]:
         return math.inf, {"index": None, "n_min": n_min, "reason": (
-            f"no threshold answers {n_min} calibration samples (the fewest that can certify alpha={alpha} "
-            f"at delta={delta}); the router answers nothing. Calibrate on more data or raise alpha")}
-    p = ltt_pvalues(k, n, alpha, method).max(dim=0).values  # [G]: the worst cascade
-    index = None
-    for g in range(int(start[0]), grid.shape[0]):
-        if float(p[g]) > delta:
-            break
-        index = g
-    if index is None:
+            f"no threshold answers {n_min} calibration samples in every cascade (the fewest that can certify "
+            f"alpha={alpha} at delta={delta}); the router answers nothing. Calibrate on more data or raise alpha")}
+    if int(last) < 0:
         return math.inf, {"index": None, "n_min": n_min, "reason": (
-            f"the most conservative testable threshold has p-value {float(p[int(start[0])]):.3g} > delta={delta}: "
-            f"selective risk <= {alpha} cannot be certified; the router answers nothing")}
-    return float(grid[index]), {"index": index, "n_min": n_min, "reason": "certified"}
+            f"the most conservative testable threshold is not certified at delta={delta}: selective risk <= "
+            f"{alpha} cannot be certified; the router answers nothing")}
+    return float(grid[int(last)]), {"index": int(last), "n_min": n_min, "reason": "certified"}
 
 
 def _statement(alpha: float, delta: float, covers: dict[str, Any]) -> str:

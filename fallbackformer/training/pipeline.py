@@ -118,13 +118,23 @@ def calibrate_paths(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
     return gates, report
 
 
+def fit_router_step(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
+                    splits: dict[str, tuple[torch.Tensor, torch.Tensor]], suite: Any) -> tuple[Any, dict]:
+    """The router of ``cfg.router`` (``None`` when the config has none): fitted, certified, and its report."""
+    if not cfg.get("router"):
+        return None, {}
+    from fallbackformer.training.router_step import fit_router
+
+    return fit_router(primary, student, splits, instantiate(cfg.router), list(suite.names), int(cfg.num_classes))
+
+
 def assemble(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
-             gates: list[ConfidenceGate]) -> FallbackModel:
+             gates: list[ConfidenceGate], router: Any = None) -> FallbackModel:
     """The combined model, ready to serve."""
     policy = instantiate(cfg.policy)
     class_names = [str(i) for i in range(cfg.num_classes)]
     return FallbackModel(primary, student, gates, policy, input_spec=DIGITS_INPUT,
-                         class_names=class_names).eval()
+                         class_names=class_names, router=router).eval()
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -155,7 +165,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     t = time.perf_counter()
     gates, calibration = calibrate_paths(cfg, primary, student, splits, out_dir / "calibration")
-    model = assemble(cfg, primary, student, gates)
+    suite = instantiate(cfg.shift)
+    router, router_report = fit_router_step(cfg, primary, student, splits, suite)
+    model = assemble(cfg, primary, student, gates, router)
     # Latency profiles (and the compile choice) before anything is timed, on validation images at
     # the request sizes the evaluation uses.
     model.warm_up(splits["val"][0][: cfg.evaluation.batch_size], batch_sizes=[1, cfg.evaluation.batch_size])
@@ -164,7 +176,6 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     # Evaluation touches the test split and the shift sets made from it, nothing else does.
     t = time.perf_counter()
     x_test, y_test = splits["test"]
-    suite = instantiate(cfg.shift)
     shift_sets = suite.build(x_test, y_test)
     evaluation, report_paths = evaluate_and_report(
         model, x_test, y_test, suite, out_dir, shift_sets=shift_sets,
@@ -202,7 +213,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "bundle": str(bundle_dir),
         "report": {k: str(v) for k, v in report_paths.items() if k in ("json", "md", "html")},
         "calibration": {"mode": calibration["mode"], "system": calibration["system"],
-                        "gates": {n: g["guarantee"] for n, g in calibration["gates"].items()}},
+                        "gates": {n: g["guarantee"] for n, g in calibration["gates"].items()},
+                        "router": router_report.get("guarantee")},
         "training": {**train_metrics, **distill_metrics},
         "seconds": seconds,
     }
