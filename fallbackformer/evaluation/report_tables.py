@@ -312,7 +312,8 @@ def silent_error_rows(ev: Evaluation) -> list[list[str]]:
         e = ev.per_set[k]
         g = e.get("guarantee", {})
         se, use = e.get("silent_error"), e.get("useful")
-        unanswered = None if se is None or use is None else 1.0 - se - use
+        cov = e["coverage"].get("system")
+        unanswered = None if cov is None else max(0.0, 1.0 - cov)
         rows.append([k, "yes" if e.get("held_out") else "", pct(se), pct(use), pct(unanswered), pct(e.get("best_single")),
                      pct(e["accuracy"].get("oracle_router")), "yes" if g.get("holds") else "NO",
                      ", ".join(g.get("breached", [])), g.get("scope", "")])
