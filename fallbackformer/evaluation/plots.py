@@ -213,7 +213,7 @@ def risk_coverage_curves(
     ax.set_xlabel("coverage")
     ax.set_ylabel("selective risk")
     ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
     ax.grid(alpha=0.3)
     return _finish(fig, path)
 
