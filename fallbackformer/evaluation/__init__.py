@@ -2,10 +2,14 @@
 
 Submodules (imported on use; matplotlib and torchmetrics load only when needed):
 
-* :mod:`~fallbackformer.evaluation.metrics`: accuracy, selective risk, coverage, AURC, ECE, mCE.
+* :mod:`~fallbackformer.evaluation.metrics`: accuracy, selective risk, coverage, AURC, AUROC, ECE, mCE.
 * :mod:`~fallbackformer.evaluation.plots`: reliability diagrams, risk-coverage curves, shift figures.
-* :mod:`~fallbackformer.evaluation.shift_eval`: :func:`evaluate` a FallbackModel on many sets.
-* :mod:`~fallbackformer.evaluation.report`: :func:`write_report` (report.json / .md / .html).
+* :mod:`~fallbackformer.evaluation.shift_eval`: :func:`evaluate` a FallbackModel on many sets; its parts:
+  ``set_eval`` (one set), ``guarantee_eval`` (router or gates, certified scope), ``shift_summary``
+  (across sets: the silent-error headline and verdict), ``cost_eval`` (FLOPs, budget sweep),
+  ``containers`` (:class:`Evaluation`, the JSON sanitizer).
+* :mod:`~fallbackformer.evaluation.report`: :func:`write_report` (report.json / .md / .html), leading with
+  silent errors; ``report_tables`` and ``report_figures`` build its parts.
 * :mod:`~fallbackformer.evaluation.pipeline`: :func:`evaluate_and_report`, :func:`run_evaluation`.
 """
 

@@ -18,6 +18,9 @@ Definitions (exact):
   with ``E0`` errors, ``E[errors(K0 + j)] = E0 + j * e / m`` (the hypergeometric mean). Without ties this
   is the usual AURC; with ties it equals the average AURC over all tie-breaking orders.
 * ``e_aurc = aurc - aurc_optimal``, where the optimal ranking puts every correct sample first.
+* ``failure_auroc``: failure detection, the probability that a random correct sample has a higher
+  confidence than a random wrong one, ties counted one half (the Mann-Whitney form of the ROC AUC with
+  "correct" as the positive class); ``nan`` when every sample is correct or every sample is wrong.
 * ``ece``: 15 equal-width bins; ``sum_b |acc_b - conf_b| * n_b / N`` (torchmetrics'
   ``binary_calibration_error``; bin ``b`` holds confidences in ``[b/15, (b+1)/15)``, and a confidence
   of exactly 1.0 forms its own extra bin, which is torchmetrics' convention).
@@ -42,6 +45,7 @@ __all__ = [
     "aurc",
     "aurc_optimal",
     "e_aurc",
+    "failure_auroc",
     "ece",
     "ece_from_logits",
     "calibration_bins",
@@ -235,6 +239,23 @@ def aurc_optimal(correct: Tensor) -> float:
 def e_aurc(confidence: Tensor, correct: Tensor) -> float:
     """Excess AURC: ``aurc - aurc_optimal`` (0 for a perfect ranking)."""
     return aurc(confidence, correct) - aurc_optimal(correct)
+
+
+def failure_auroc(confidence: Tensor, correct: Tensor) -> float:
+    """ROC AUC of ``confidence`` for telling correct answers (positive) from wrong ones; ties count 1/2.
+
+    ``-inf`` is allowed (an unanswered request ranks last). ``nan`` when one class is empty.
+
+    >>> failure_auroc(torch.tensor([0.9, 0.8, 0.7]), torch.tensor([True, False, True]))  # 1 of 2 pairs
+    0.5
+    """
+    _, gsize, gerr = _sorted_groups(confidence, correct)
+    gok = gsize - gerr
+    n_ok, n_err = float(gok.sum()), float(gerr.sum())
+    if n_ok == 0 or n_err == 0:
+        return math.nan
+    ok_above = torch.cat([torch.zeros(1, dtype=torch.float64), gok.cumsum(0)[:-1]])  # correct in higher groups
+    return float((gerr * (ok_above + 0.5 * gok)).sum() / (n_ok * n_err))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,10 +26,15 @@ log = logging.getLogger(__name__)
 
 
 def headline_metrics(evaluation: Evaluation) -> dict[str, Any]:
-    """The few numbers a run summary shows: clean accuracies, fallback rate, mCE, relative drop, flags."""
+    """The few numbers a run summary shows: the silent-error headline first, then clean accuracies,
+    fallback rate, mCE, relative drop, flags."""
     clean = evaluation.per_set.get(CLEAN) or next(iter(evaluation.per_set.values()))
     s = evaluation.summary
+    lead = ("silent_error", "silent_error_tunable", "silent_error_held_out", "useful", "best_single", "oracle_router",
+            "guarantee_held_tunable", "guarantee_held_held_out")
     return {
+        **{k: s.get(k) for k in lead},
+        "verdict": (s.get("verdict") or {}).get("level"),
         "accuracy": clean["accuracy"],
         "fallback_rate": clean["fallback_rate"],
         "served_by": clean["served_by"],

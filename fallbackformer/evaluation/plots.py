@@ -27,6 +27,7 @@ from fallbackformer.evaluation import metrics as M
 __all__ = [
     "reliability_diagram",
     "risk_coverage_curve",
+    "risk_coverage_curves",
     "accuracy_vs_severity",
     "fallback_rate_vs_severity",
     "accuracy_vs_budget",
@@ -158,7 +159,7 @@ def risk_coverage_curve(
         cov_p = torch.cat([torch.zeros(1, dtype=cov.dtype), cov]).numpy()
         risk_p = torch.cat([risk[:1], risk]).numpy()
         ax.step(cov_p, risk_p, where="post", color="#1f77b4", label=f"risk (AURC {area:.4f})")
-        ok = M._validate_bool("correct", correct)
+        ok = torch.as_tensor(correct).reshape(-1).bool()
         opt_cov = torch.linspace(0, 1, 201, dtype=torch.float64)
         acc = ok.double().mean()
         opt_risk = ((opt_cov - acc).clamp_min(0) / opt_cov.clamp_min(1e-12)).numpy()
@@ -174,6 +175,45 @@ def risk_coverage_curve(
     ax.set_ylabel("selective risk")
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
+def risk_coverage_curves(
+    curves: Mapping[str, tuple[Tensor, Tensor]],
+    title: str = "",
+    alpha: float | None = None,
+    path: PathLike | None = None,
+) -> Figure:
+    """Several risk-coverage curves on one axes (for example clean, pooled tunable, pooled held-out).
+
+    Args:
+        curves: ``{label: (confidence [N], correct [N])}``; the AURC goes in each label.
+        title: figure title.
+        alpha: a target risk, drawn as a horizontal line.
+        path: if given, also write a PNG there.
+    """
+    fig = _new_figure(6.0, 4.2)
+    ax = fig.subplots()
+    top = 0.0
+    styles = ["-", "--", "-.", ":"]
+    for i, (label, (confidence, correct)) in enumerate(curves.items()):
+        cov, risk, _ = M.risk_coverage_curve(confidence, correct)
+        if not len(cov):
+            continue
+        cov_p = torch.cat([torch.zeros(1, dtype=cov.dtype), cov]).numpy()
+        risk_p = torch.cat([risk[:1], risk]).numpy()
+        ax.step(cov_p, risk_p, styles[i % len(styles)], where="post", color=_EXIT_CYCLE[i % len(_EXIT_CYCLE)]
+                if i else "#1f77b4", label=f"{label} (n {len(correct)}, AURC {M.aurc(confidence, correct):.4f})")
+        top = max(top, float(risk.max()))
+    if alpha is not None:
+        ax.axhline(alpha, color="#d62728", linestyle="--", linewidth=1, label=f"alpha = {alpha:g}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, max(top, alpha or 0.0, 0.02) * 1.1)
+    ax.set_xlabel("coverage")
+    ax.set_ylabel("selective risk")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
     ax.grid(alpha=0.3)
     return _finish(fig, path)
 
