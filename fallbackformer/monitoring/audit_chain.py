@@ -216,11 +216,6 @@ class ChainedLogFile:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self._size = 0
 
-    def write(self, text: str) -> int:
-        """Write raw text (not chained: for callers that serialize themselves)."""
-        self._size += len(text.encode("utf-8"))
-        return self._file.write(text)
-
     def flush(self) -> None:
         self._file.flush()
 
