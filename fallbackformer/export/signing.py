@@ -39,6 +39,7 @@ __all__ = [
     "generate_keypair",
     "load_private_key",
     "load_public_key",
+    "read_signoff",
     "sign_bundle",
     "verify_bundle_signature",
 ]
@@ -220,6 +221,7 @@ def verify_bundle_signature(
         SignatureError: unsigned, signed by no trusted key, signed for another manifest, or a
             signature that does not verify; the message says which.
     """
+    _crypto()  # a clear error when cryptography is missing
     from cryptography.exceptions import InvalidSignature
 
     trusted = {fingerprint(k): load_public_key(k) for k in trusted_keys}

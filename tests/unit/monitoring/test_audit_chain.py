@@ -81,3 +81,11 @@ def test_constructor_rejects_bad_rotation_settings(tmp_path: Path) -> None:
         ChainedLogFile(tmp_path / "a", max_bytes=0)
     with pytest.raises(ValueError, match="max_files"):
         ChainedLogFile(tmp_path / "a", max_files=0)
+
+
+def test_policy_digest_of_a_policy_equals_that_of_its_manifest_form() -> None:
+    # The sink may be given either: the live Policy, or the bundle manifest's policy dict.
+    from fallbackformer.runtime.breaker import BreakerConfig
+
+    p = Policy(budget_ms=5.0, breaker=BreakerConfig(), hedge_slack_ms=float("inf"))
+    assert policy_digest(p) == policy_digest(p.to_dict())
