@@ -214,6 +214,8 @@ def save(
     degradation: Mapping[str, Any] | None = None,
     onnx: bool = False,
     example_input: torch.Tensor | None = None,
+    signing_key: Any = None,
+    signer: str | None = None,
 ) -> Path:
     """Save a model as a bundle folder (replacing an existing bundle there atomically).
 
@@ -226,6 +228,12 @@ def save(
             transform and the student (``onnx/*.onnx``), so that
             ``load(path, backend="onnxruntime")`` works. Needs onnx and onnxscript; adds seconds.
         example_input: a raw batch for tracing when ``onnx`` is set (default: from the input spec).
+        signing_key: an Ed25519 private key (object, PEM or PEM path): sign ``manifest_sha256`` into
+            ``signature.json`` (:mod:`fallbackformer.export.signing`); needs ``signer``.
+        signer: the name recorded with the signature.
+
+    The ``degradation`` limits are checked against ``evaluation`` (:mod:`fallbackformer.export.bounds`):
+    a model outside its own bounds is refused unless ``on_breach`` is ``"signal"``.
 
     The manifest records ``model.profile`` (per-stage p50/p99 by batch bucket; warm the model up
     first to have one): a prior for the loading machine, not a promise about it.
@@ -268,6 +276,9 @@ def save(
     router = getattr(model, "router", None)
     if router is not None:  # its tensors in a weights file, its construction and guarantee in the manifest
         manifest["router"] = {**_json_safe(router.to_config(), "router"), "file": ROUTER_FILE}
+    from fallbackformer.export.bounds import enforce_bounds  # bounds as code (issue 14)
+
+    enforce_bounds(manifest, f"ff.save to {path}")
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -288,6 +299,10 @@ def save(
         manifest[DIGEST_FIELD] = manifest_digest(manifest)
         text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
         (tmp / MANIFEST).write_text(text, encoding="utf-8")
+        if signing_key is not None:  # signed sign-off, in its own file (issue 14)
+            from fallbackformer.export.signing import sign_bundle
+
+            sign_bundle(tmp, signing_key, signer, manifest=manifest)  # type: ignore[arg-type]
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -455,6 +470,7 @@ def load(
     clock: "Clock | None" = None,
     sinks: Iterable["EventSink"] = (),
     ort_threads: int | None = None,
+    trusted_keys: Iterable[Any] | None = None,
 ) -> "FallbackModel":
     """Load a bundle: verify the manifest digest and every file's sha256, rebuild, return the model.
 
@@ -469,6 +485,11 @@ def load(
         sinks: event sinks for the runtime.
         ort_threads: intra-op threads of each onnxruntime session (``backend="onnxruntime"``;
             default: onnxruntime's choice).
+        trusted_keys: Ed25519 public keys (objects, PEM or PEM paths): refuse the bundle unless one
+            of them signed this manifest (``signature.json``). ``None``: no signature check.
+
+    A bundle outside its own ``degradation`` bounds is refused (or, with ``on_breach: signal``, loaded
+    with a :class:`~fallbackformer.export.bounds.BoundsWarning`; ``model.bounds_breaches`` lists them).
 
     Returns:
         A :class:`FallbackModel` in eval mode; ``model.model_hashes`` holds the files' sha256 and
@@ -489,6 +510,13 @@ def load(
         raise BundleError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     path = Path(path)
     manifest = read_manifest(path)
+    if trusted_keys is not None:  # signed sign-off (issue 14)
+        from fallbackformer.export.signing import verify_bundle_signature
+
+        verify_bundle_signature(path, manifest, trusted_keys)
+    from fallbackformer.export.bounds import enforce_bounds
+
+    breaches = enforce_bounds(manifest, f"ff.load of {path}")
     hashes = verify_files(path, manifest)
     if backend == "onnxruntime":
         from fallbackformer.export.ort_backend import load_ort_modules
@@ -529,4 +557,5 @@ def load(
         role: hashes[entry["file"]] for role, entry in manifest["models"].items()
     } | {"manifest": manifest[DIGEST_FIELD]}
     model.bundle_manifest = manifest
+    model.bounds_breaches = breaches
     return model.eval()

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fallbackformer.monitoring.audit_chain import ChainedLogFile
 from fallbackformer.runtime.events import EventSink, FallbackEvent, ListSink
 
 __all__ = ["CallbackSink", "EventSink", "JsonlFileSink", "ListSink", "read_jsonl"]
@@ -52,6 +53,14 @@ class JsonlFileSink:
         flush_every: write buffered lines to the OS at least every this many seconds.
         fsync: also ``os.fsync`` on every flush (durable on power loss; slower).
         autostart: start the writer thread now (tests start it later to fill the queue).
+        chain: hash-chain the records (``seq``, ``prev_hash``, ``hash``, ``policy_digest``; see
+            :mod:`fallbackformer.monitoring.audit_chain`); verify with ``scripts/audit.py verify``.
+        policy_digest: the serving policy's digest to record in every line
+            (:func:`~fallbackformer.monitoring.audit_chain.policy_digest` of ``model.policy``).
+        max_bytes: rotate the file before it would grow past this (``LOG`` -> ``LOG.1`` ...); the
+            chain continues into the new file. ``None``: never rotate.
+        max_files: files kept, the current one included; older rotated files are deleted (the
+            verifier then starts from the oldest kept record's ``prev_hash``). ``None``: keep all.
 
     Attributes:
         written: lines written. dropped: events dropped because the queue was full.
@@ -65,6 +74,10 @@ class JsonlFileSink:
         flush_every: float = 0.5,
         fsync: bool = False,
         autostart: bool = True,
+        chain: bool = True,
+        policy_digest: str | None = None,
+        max_bytes: int | None = None,
+        max_files: int | None = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"JsonlFileSink max_queue must be >= 1; got {max_queue!r}")
@@ -79,7 +92,9 @@ class JsonlFileSink:
         self.errors = 0
         self.last_error: str = ""
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._file = ChainedLogFile(  # closed by close()
+            self.path, chain=chain, policy_digest=policy_digest, max_bytes=max_bytes, max_files=max_files
+        )
         self._thread: threading.Thread | None = None
         self._closed = False
         self._finalizer = weakref.finalize(self, _shutdown, self._queue, self._file)
@@ -113,7 +128,7 @@ class JsonlFileSink:
                     self._flush_file()
                     return  # (the finally below marks it done)
                 if item is not None:
-                    self._file.write(json.dumps(_json_safe(item), allow_nan=False) + "\n")
+                    self._file.write_record(_json_safe(item))
                     self.written += 1
                     pending += 1
                 if pending and (item is None or self._queue.empty()):
@@ -169,7 +184,7 @@ def _shutdown(q: queue.Queue[Any], file: Any) -> None:
         while True:
             item = q.get_nowait()
             if item is not _STOP:
-                file.write(json.dumps(_json_safe(item), allow_nan=False) + "\n")
+                file.write_record(_json_safe(item))
     except queue.Empty:
         pass
     except Exception:  # at exit there is nobody to tell

@@ -34,6 +34,7 @@ def test_a_model_writes_one_line_per_fallback_answer(tmp_path: Path) -> None:
     assert set(r) == {
         "request_id", "sample", "time_unix", "served_by", "reason", "budget_ms", "elapsed_ms",
         "stage_ms", "confidence", "model_hashes", "detail",
+        "seq", "prev_hash", "hash", "policy_digest",  # the audit chain (monitoring/audit_chain.py)
     }
 
 
