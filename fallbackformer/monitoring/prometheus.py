@@ -12,6 +12,7 @@ same model counters without any dependency.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -118,9 +119,10 @@ class FallbackCollector(Collector):
 
 
 def latency_buckets(budget_ms: float) -> tuple[float, ...]:
-    """Request-latency buckets in seconds: 1 ms steps up to the budget + 5 ms (so budget + 2 ms is an
-    edge), then coarser ones."""
-    fine = [i / 1000.0 for i in range(1, int(budget_ms) + 6)]
+    """Request-latency buckets in seconds: steps of ``max(1 ms, budget / 50)`` up to the budget + 5 ms,
+    an edge at exactly budget + 2 ms (the serving SLO), and coarse ones up to 10 s (at most ~70)."""
+    step = max(1.0, budget_ms / 50.0)
+    fine = [step * i / 1000.0 for i in range(1, int(math.ceil((budget_ms + 5.0) / step)) + 1)]
     edge = (budget_ms + 2.0) / 1000.0
     coarse = [0.0001, 0.00025, 0.0005, edge, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
     return tuple(sorted({round(b, 6) for b in fine + coarse}))
