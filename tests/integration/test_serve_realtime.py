@@ -39,7 +39,7 @@ def live_server(tmp_path_factory):
 
     port = _free_port()
     cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), f"bundle={BUNDLE}", f"port={port}",
-           "log_level=warning", "serve.workers=8", "serve.warm_up_repeats=20",
+           "log_level=warning", "serve.warm_up_repeats=20",
            f"hydra.run.dir={tmp_path_factory.mktemp('serve')}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
