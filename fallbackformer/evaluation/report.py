@@ -444,7 +444,7 @@ def render_markdown(ev: Evaluation, title: str, figure_files: Mapping[str, str] 
 _DEFINITIONS_MD = """\
 - *fallback rate*: answers served by the student or the safe default.
 - *selective risk* `system`: errors among non-default answers, against the loosest gate alpha; per path: the
-  gate applied alone on that path's logits (selective risk for ltt_hb/empirical, joint risk for crc).
+  gate applied alone on that path's logits (selective risk for ltt_binom/ltt_hb/empirical, joint risk for crc).
   *exceeds alpha*: the point estimate is above alpha; *broken*: the one-sided Clopper-Pearson lower bound at
   level delta is above alpha.
 - *coverage*: `system`: non-default answers; per path: what the gate accepts alone.

@@ -13,7 +13,7 @@ Definitions used here (the report repeats them):
 * **selective risk** (per set, ``selective_risk``):
   ``system``: error rate of the non-default answers, against the loosest ``alpha`` of the gates;
   ``<path>``: the path's gate applied alone to that path's logits on every sample (exactly what
-  ``ConfidenceGate.calibrate`` guaranteed on the calibration split): for ``ltt_hb`` and ``empirical``
+  ``ConfidenceGate.calibrate`` guaranteed on the calibration split): for ``ltt_binom``, ``ltt_hb``, ``empirical``
   the selective risk (errors among accepted / accepted), for ``crc`` the joint risk (accepted and wrong
   / all). ``violated``: the point estimate exceeds ``alpha``; ``significant``: even the one-sided
   Clopper-Pearson lower bound at level ``delta`` exceeds ``alpha`` (the guarantee is broken on this set
