@@ -63,6 +63,7 @@ def test_calibrate_system_matches_runtime_rule():
     for i, g in enumerate(gates):
         assert g.guarantee["coverage_cal"] == pytest.approx((first == i).double().mean().item())
         assert g.guarantee["scope"] == "system" and g.guarantee["satisfied"]
+        assert g.guarantee["method"] == "ltt_binom" and "exact binomial" in g.guarantee["reason"]
         assert isinstance(ConfidenceGate.from_config(g.to_config()).guarantee, dict)
     served = first < 5
     preds = torch.stack([z.argmax(1) for z in all_logits]).gather(0, first.clamp(max=4)[None])[0]
