@@ -169,15 +169,8 @@ def _timed_copy(model: FallbackModel, stage_ms: Mapping[str, float], budget_ms: 
     heads = {s: primary.head(s) for s in primary.exit_stages}
     timed_primary = MultiExitNet(stages, heads, input_transform=primary.input_transform)
     timed_student = ScriptedDelay(model.student, clock, [float(stage_ms[R.STUDENT])])
-    return FallbackModel(
-        timed_primary,
-        timed_student,
-        {n: model.gates[n] for n in model.path_names},
-        _sim_policy(model, budget_ms),
-        input_spec=model.input_spec,
-        clock=clock,
-        class_names=model.class_names,
-    ).eval()
+    return model.rebuild(primary=timed_primary, student=timed_student, policy=_sim_policy(model, budget_ms),
+                         clock=clock).eval()
 
 
 @torch.inference_mode()

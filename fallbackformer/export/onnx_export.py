@@ -258,18 +258,8 @@ def reference_runtime(model: "FallbackModel") -> "FallbackModel":
     raise); everything else is the model's own policy, gates and modules. The model's counters and
     sinks are untouched.
     """
-    from fallbackformer.runtime.fallback_model import FallbackModel
-
     policy = dataclasses.replace(model.policy, budget_ms=1e9, on_invalid_input="default")
-    ref = FallbackModel(
-        model.primary,
-        model.student,
-        {name: model.gates[name] for name in model.path_names},
-        policy=policy,
-        input_spec=model.input_spec,
-        class_names=model.class_names,
-    )
-    return ref.eval()
+    return model.rebuild(policy=policy).eval()
 
 
 def runtime_decisions(model: "FallbackModel", x: Tensor) -> dict[str, Tensor]:

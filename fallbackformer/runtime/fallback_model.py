@@ -289,6 +289,21 @@ class FallbackModel(nn.Module):
             out["breaker"] = self.breaker.metrics()
         return out
 
+    def rebuild(self, **changes: Any) -> "FallbackModel":
+        """A new model sharing this one's modules, gates, router, input spec and class names.
+
+        ``changes`` replace constructor arguments (``primary``, ``student``, ``policy``, ``clock``,
+        ``sinks``, ``profile``, ...): the one way to derive a timed, sink-free or differently
+        configured copy without dropping a part (the router, say). Counters start afresh.
+        """
+        args: dict[str, Any] = {
+            "primary": self.primary, "student": self.student,
+            "gates": {n: self.gates[n] for n in self.path_names}, "policy": self.policy,
+            "input_spec": self.input_spec, "class_names": self.class_names, "router": self.router,
+        }
+        args.update(changes)
+        return FallbackModel(**args).train(self.training)
+
     def set_rollback(self, on: bool = True) -> None:
         """The rollback switch: ``True`` serves every call by the fallback path (``breaker_open``)."""
         self.policy = dataclasses.replace(self.policy, rollback=bool(on))
