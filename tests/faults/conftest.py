@@ -31,3 +31,9 @@ def model_a() -> ff.FallbackModel:
 def model_b() -> ff.FallbackModel:
     """Read-only; other weights than ``model_a``."""
     return tiny_model(1)
+
+
+@pytest.fixture
+def make_model():
+    """The factory ``make_model(seed=0)``: a private model a test may change."""
+    return tiny_model
