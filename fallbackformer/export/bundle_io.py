@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -108,15 +109,16 @@ def read_checked(root: Path, rel: str, size: int | None, bundle: Path, limit: in
     except NotADirectoryError:
         raise BundleError(f"{rel} in bundle {bundle}: a folder on its path is a file; copy the whole bundle again") from None
     target = fpath
-    if stat.S_ISLNK(st.st_mode):
-        real = Path(os.path.realpath(fpath))
+    real = Path(os.path.realpath(fpath))
+    if stat.S_ISLNK(st.st_mode) or real != fpath:
         try:
             kind = _kind(os.stat(real).st_mode)
         except OSError:
             kind = "nothing"
         if not real.is_relative_to(root):
+            link = rel if stat.S_ISLNK(st.st_mode) else f"a folder on the path of {rel}"
             raise BundleError(
-                f"{rel} is a symlink to {real} ({kind}), outside the bundle folder {bundle}; "
+                f"{link} is a symlink to {real} ({kind}), outside the bundle folder {bundle}; "
                 "refusing it. Replace the link with the file itself (cp --dereference) or re-save the bundle"
             )
         target, st = real, os.stat(real)
@@ -271,7 +273,7 @@ def remove_stale(parent: Path, name: str) -> list[str]:
     """Remove temp folders and links of ``name``'s saves whose process is gone. Call under the lock."""
     removed = []
     for prefix in (f".{name}.tmp-", f".{name}.link-", f".{name}.old-"):
-        for p in parent.glob(f"{prefix}*"):
+        for p in parent.glob(f"{glob.escape(prefix)}*"):
             try:
                 pid = int(p.name[len(prefix):].split("-")[0])
             except ValueError:
@@ -342,7 +344,7 @@ def publish(tmp: Path, path: Path, digest: str) -> Path:
         else:
             os.replace(link, path)
         _fsync_dir(parent)
-        for old in parent.glob(f"{name}{VERSION_INFIX}*"):
+        for old in parent.glob(f"{glob.escape(name + VERSION_INFIX)}*"):
             if old != version and old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
     return version

@@ -59,7 +59,7 @@ def base(model_a, tmp_path_factory) -> Path:
     return save(model_a, tmp_path_factory.mktemp("fuzz") / "b").resolve()
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_no_manifest_edit_escapes_as_anything_but_bundle_error(base, data):
     manifest = json.loads((base / MANIFEST).read_text())
