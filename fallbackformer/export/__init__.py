@@ -6,6 +6,7 @@ imported when an ONNX function is called.
 
 from fallbackformer.export.bundle import FORMAT_VERSION, BundleError, load, read_manifest, save
 from fallbackformer.export.graph import CombinedGraph, served_by_codes
+from fallbackformer.export.manifest import ManifestSection, register_section
 from fallbackformer.export.onnx_export import check_onnx_parity, export_onnx, onnxruntime_vs_torch
 from fallbackformer.export.program import export_program
 from fallbackformer.export.triton import export_triton
@@ -14,6 +15,7 @@ __all__ = [
     "FORMAT_VERSION",
     "BundleError",
     "CombinedGraph",
+    "ManifestSection",
     "check_onnx_parity",
     "export_onnx",
     "export_program",
@@ -21,6 +23,7 @@ __all__ = [
     "load",
     "onnxruntime_vs_torch",
     "read_manifest",
+    "register_section",
     "save",
     "served_by_codes",
 ]

@@ -1,6 +1,8 @@
 """Bundles: a :class:`FallbackModel` saved as a verified folder, loaded without unpickling.
 
-Layout (``FORMAT_VERSION`` 1)::
+Layout (``FORMAT_VERSION`` 2; the manifest schema, its versions and optional sections are in
+:mod:`fallbackformer.export.manifest`, atomic publishing and checked reads in
+:mod:`fallbackformer.export.bundle_io`)::
 
     <bundle>/manifest.json          everything but the weights (see below), with a digest over itself
     <bundle>/primary.safetensors    the primary's state dict (weights and buffers only)
@@ -28,6 +30,12 @@ the prior in every stage and bucket it measures (once a bucket holds ``min_sampl
 every served call keeps updating them. A manifest without the field (older bundles) loads with a
 fresh, empty profile.
 
+Loading reads each file once: its type (a regular file inside the folder; no FIFO, device or
+outside symlink) and recorded size are checked before it is read, the sha256 is taken over the
+bytes read, and those same bytes are deserialized. Models are first built on the meta device and
+every tensor shape is checked against the safetensors header (and the total against the file's
+size) before anything is allocated.
+
 >>> path = save(model, "checkpoints/digits")      # doctest: +SKIP
 >>> model = load("checkpoints/digits")            # doctest: +SKIP
 """
@@ -37,33 +45,48 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from fallbackformer.export import bundle_io
+from fallbackformer.export.manifest import (
+    _PARSE_ERRORS,
+    DIGEST_FIELD,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MIGRATE_COMMAND,
+    SUPPORTED_FORMAT_VERSIONS,
+    BundleError,
+    canonical_json,
+    decode_manifest,
+    manifest_digest,
+    Manifest,
+    ModelEntry,
+    _onnx_files,
+    parse_manifest,
+    registered_sections,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from fallbackformer.runtime.clock import Clock
     from fallbackformer.runtime.events import EventSink
     from fallbackformer.runtime.fallback_model import FallbackModel
 
-FORMAT = "fallbackformer-bundle"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
-MANIFEST = "manifest.json"
-DIGEST_FIELD = "manifest_sha256"
+__all__ = [
+    "BACKENDS", "DIGEST_FIELD", "MIGRATE_COMMAND", "FORMAT", "FORMAT_VERSION", "MANIFEST", "SUPPORTED_FORMAT_VERSIONS",
+    "BundleError", "canonical_json", "load", "manifest_digest", "read_manifest", "save", "sha256_file",
+    "verify_files",
+]
+
 MODEL_FILES = {"primary": "primary.safetensors", "student": "student.safetensors"}
 ROUTER_FILE = "router.safetensors"
 BACKENDS = ("torch", "onnxruntime")
 COMBINED_ONNX = "model.onnx"
-
-
-class BundleError(ValueError):
-    """A bundle cannot be saved or loaded; the message names the file or tensor and the fix."""
 
 
 # ---------------------------------------------------------------------- hashing and JSON
@@ -76,17 +99,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def canonical_json(obj: Any) -> str:
-    """Sorted keys, no whitespace, ASCII, no NaN/inf: the form the manifest digest is taken over."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-
-
-def manifest_digest(manifest: Mapping[str, Any]) -> str:
-    """sha256 of the manifest's canonical JSON without its own digest field."""
-    body = {k: v for k, v in manifest.items() if k != DIGEST_FIELD}
-    return hashlib.sha256(canonical_json(body).encode("ascii")).hexdigest()
 
 
 def _json_safe(obj: Any, where: str) -> Any:
@@ -109,15 +121,6 @@ def _json_safe(obj: Any, where: str) -> Any:
         f"{where} holds a {type(obj).__name__} ({obj!r:.80}), which a JSON manifest cannot store; "
         "pass numbers, strings, lists and dicts only"
     )
-
-
-def _policy_from_json(data: Mapping[str, Any]):
-    from fallbackformer.runtime.policy import Policy
-
-    decoded = {
-        k: (float(v) if isinstance(v, str) and v in ("inf", "-inf", "nan") else v) for k, v in data.items()
-    }
-    return Policy.from_dict(decoded)
 
 
 # ---------------------------------------------------------------------- save
@@ -148,12 +151,13 @@ def _check_rebuild(entry: Mapping[str, Any], state: Mapping[str, torch.Tensor], 
 
     with torch.device("meta"):
         rebuilt = create_model(entry["registry_name"], **entry["registry_kwargs"])
-    _compare_state(rebuilt.state_dict(), state, role, f"{role}.safetensors", entry, saving=True)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    _compare_state(rebuilt.state_dict(), shapes, role, f"{role}.safetensors", entry, saving=True)
 
 
 def _compare_state(
     expected: Mapping[str, torch.Tensor],
-    got: Mapping[str, torch.Tensor],
+    got: Mapping[str, tuple[int, ...]],
     role: str,
     filename: str,
     entry: Mapping[str, Any],
@@ -184,9 +188,9 @@ def _compare_state(
             f"manifest's {role} {what} does not have; {fix}"
         )
     for key, ref in expected.items():
-        if tuple(got[key].shape) != tuple(ref.shape):
+        if tuple(got[key]) != tuple(ref.shape):
             raise BundleError(
-                f"tensor {key!r} in {filename} has shape {tuple(got[key].shape)} but the manifest's "
+                f"tensor {key!r} in {filename} has shape {tuple(got[key])} but the manifest's "
                 f"{role} {what} expects {tuple(ref.shape)}; {fix}"
             )
 
@@ -197,6 +201,8 @@ def _state_for_file(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _check_bundle_target(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        return  # a dangling link: replaced whole
     if path.exists() and not path.is_dir():
         raise BundleError(f"{path} exists and is not a folder; choose a folder path for the bundle")
     if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).is_file():
@@ -217,7 +223,12 @@ def save(
     signing_key: Any = None,
     signer: str | None = None,
 ) -> Path:
-    """Save a model as a bundle folder (replacing an existing bundle there atomically).
+    """Save a model as a bundle (replacing an existing bundle there atomically).
+
+    ``path`` becomes a symlink to a complete version folder ``<path>.v-<digest16>`` beside it,
+    switched in one atomic rename (see :mod:`fallbackformer.export.bundle_io`): a concurrent
+    ``load`` sees the old bundle or the new one, whole. The same model saved twice gives the same
+    bytes and hashes.
 
     Args:
         model: the model; its primary and student must come from ``create_model``.
@@ -228,18 +239,12 @@ def save(
             transform and the student (``onnx/*.onnx``), so that
             ``load(path, backend="onnxruntime")`` works. Needs onnx and onnxscript; adds seconds.
         example_input: a raw batch for tracing when ``onnx`` is set (default: from the input spec).
-        signing_key: an Ed25519 private key (object, PEM or PEM path): sign ``manifest_sha256`` into
-            ``signature.json`` (:mod:`fallbackformer.export.signing`); needs ``signer``.
-        signer: the name recorded with the signature.
-
-    The ``degradation`` limits are checked against ``evaluation`` (:mod:`fallbackformer.export.bounds`):
-    a model outside its own bounds is refused unless ``on_breach`` is ``"signal"``.
 
     The manifest records ``model.profile`` (per-stage p50/p99 by batch bucket; warm the model up
     first to have one): a prior for the loading machine, not a promise about it.
 
     Returns:
-        The bundle folder.
+        The bundle path (the symlink).
 
     Raises:
         BundleError: for a model the registry cannot rebuild or metadata JSON cannot hold.
@@ -281,17 +286,20 @@ def save(
     enforce_bounds(manifest, f"ff.save to {path}")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = bundle_io.temp_folder(path.parent, path.name)
     try:
-        from safetensors.torch import save_file
-
         for role, filename in MODEL_FILES.items():
-            save_file(states[role], str(tmp / filename), metadata={"role": role, "format": FORMAT})
+            # One metadata key: safetensors writes metadata in hash-map order, so two keys would make
+            # the same model's bytes (and hashes) differ from save to save.
+            (tmp / filename).write_bytes(_safetensors_bytes(states[role], {"fallbackformer": f"{FORMAT}/{role}"}))
         if router is not None:
-            save_file({k: v.detach().contiguous() for k, v in router.state_dict().items()}, str(tmp / ROUTER_FILE),
-                      metadata={"role": "router", "format": FORMAT})
+            (tmp / ROUTER_FILE).write_bytes(_safetensors_bytes(_state_for_file(router), {"fallbackformer": f"{FORMAT}/router"}))
         if onnx:
             manifest["onnx"] = _write_onnx(model, tmp, example_input)
+        for name, section in registered_sections().items():
+            content = section.to_config(model) if section.to_config is not None else None
+            if content is not None:
+                manifest[name] = _json_safe(content, name)
         manifest["files"] = {
             rel: {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
             for rel in sorted(_relative_files(tmp))
@@ -303,13 +311,17 @@ def save(
             from fallbackformer.export.signing import sign_bundle
 
             sign_bundle(tmp, signing_key, signer, manifest=manifest)  # type: ignore[arg-type]
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        bundle_io.publish(tmp, path, manifest[DIGEST_FIELD])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save(dict(state), metadata=metadata)
 
 
 def _relative_files(root: Path) -> Iterable[str]:
@@ -332,135 +344,95 @@ def _write_onnx(model: "FallbackModel", folder: Path, example_input: torch.Tenso
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and verify a bundle's manifest (format version and digest); files are not checked.
+    """Read and verify a bundle's manifest (format version, digest, schema); files are not read.
 
     Raises:
         BundleError: naming the problem and the fix.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise BundleError(f"bundle folder {path} does not exist; save one with ff.save(model, '{path}')")
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise BundleError(
-            f"{mpath} is missing: {path} is not a bundle (or it is incomplete); re-save it with ff.save"
-        )
+    path = bundle_io.bundle_folder(path)
+    root = bundle_io.resolve(path)
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{mpath} is not valid JSON ({exc}); restore it from the original bundle") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        data = bundle_io.read_checked(root, MANIFEST, None, path, limit=bundle_io.MAX_MANIFEST_BYTES)
+    except bundle_io.Vanished:
         raise BundleError(
-            f"{mpath} is not a fallbackformer bundle manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-            f"expected {FORMAT!r})"
-        )
-    version = manifest.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise BundleError(
-            f"{mpath}: unknown bundle format_version {version!r}; this fallbackformer reads "
-            f"{list(SUPPORTED_FORMAT_VERSIONS)}. Load it with the fallbackformer version that wrote it "
-            f"({manifest.get('fallbackformer_version', 'unknown')}) or re-save it with this one"
-        )
-    recorded = manifest.get(DIGEST_FIELD)
-    try:
-        actual = manifest_digest(manifest)
-    except ValueError:
-        actual = None
-    if recorded is None or recorded != actual:
-        raise BundleError(
-            f"{mpath} was edited after it was saved: its content digest {actual} does not match the "
-            f"recorded {DIGEST_FIELD} {recorded}. A changed threshold, temperature, policy or file "
-            "list is refused like a changed weight: restore the original manifest, or re-save the "
-            "bundle with ff.save(model, path) after making the change in code"
-        )
-    return manifest
-
-
-def _onnx_files(section: Any) -> list[str]:
-    """Every file path named in the manifest's ``onnx`` section (strings at any depth, but the variant)."""
-    if isinstance(section, str):
-        return [section] if section.endswith(".onnx") else []
-    if isinstance(section, Mapping):
-        return [f for v in section.values() for f in _onnx_files(v)]
-    if isinstance(section, (list, tuple)):
-        return [f for v in section for f in _onnx_files(v)]
-    return []
+            f"{path / MANIFEST} is missing: {path} is not a bundle (or it is incomplete); re-save it with ff.save"
+        ) from None
+    raw = decode_manifest(data, path / MANIFEST)
+    parse_manifest(raw, str(path / MANIFEST))
+    return raw
 
 
 def verify_files(path: str | Path, manifest: Mapping[str, Any]) -> dict[str, str]:
-    """Check every file the manifest lists against its sha256; return ``{file: sha256}``.
+    """Check every file a (raw) manifest lists against its size and sha256; return ``{file: sha256}``.
 
     Raises:
         BundleError: naming the missing or changed file and the fix.
     """
-    path = Path(path)
+    path = bundle_io.bundle_folder(path)
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{path / MANIFEST} lists no files; re-save the bundle with ff.save")
-    # Every file the manifest makes load must be hashed: the weights and the ONNX graphs it names.
     needed = [m["file"] for m in manifest["models"].values()] + _onnx_files(manifest.get("onnx"))
     for name in needed:
         if name not in files:
             raise BundleError(f"{path / MANIFEST} has no sha256 for {name}; re-save the bundle with ff.save")
+    root = bundle_io.resolve(path)
     hashes = {}
     for rel, info in files.items():
-        pure = PurePosixPath(rel)
-        if pure.is_absolute() or ".." in pure.parts:
-            raise BundleError(f"{path / MANIFEST} lists {rel!r}, outside the bundle folder; refusing it")
-        fpath = path / pure
-        if not fpath.is_file():
-            raise BundleError(
-                f"missing file {rel} in bundle {path}: the manifest lists it with sha256 "
-                f"{info['sha256'][:16]}...; copy the whole bundle folder again"
-            )
-        digest = sha256_file(fpath)
-        if digest != info["sha256"]:
-            raise BundleError(
-                f"file {rel} in bundle {path} has sha256 {digest[:16]}... but the manifest records "
-                f"{info['sha256'][:16]}...: it was changed or corrupted after saving. Restore it from "
-                "the original bundle, or re-save the bundle with ff.save"
-            )
-        hashes[rel] = digest
+        try:
+            _, hashes[rel] = bundle_io.read_verified(root, rel, info["sha256"], info.get("bytes"), path)
+        except bundle_io.Vanished:
+            raise BundleError(f"missing file {rel} in bundle {path}; copy the whole bundle folder again") from None
     return hashes
 
 
-def load_weights(path: str | Path, manifest: Mapping[str, Any], role: str) -> nn.Module:
-    """Rebuild ``role`` ("primary" or "student") through the registry and load its safetensors."""
-    from safetensors.torch import load_file
-
+def _build_model(entry: ModelEntry, role: str, path: Path) -> nn.Module:
     from fallbackformer.models.registry import create_model
 
-    entry = manifest["models"][role]
+    fld = f"{path / MANIFEST}: manifest field models.{role}"
     try:
-        model = create_model(entry["registry_name"], **entry["registry_kwargs"])
+        return create_model(entry.registry_name, **entry.registry_kwargs)
     except KeyError as exc:
         raise BundleError(
-            f"the bundle's {role} is registry model {entry['registry_name']!r}, which is not registered "
-            f"here ({exc.args[0] if exc.args else exc}); import the module that registers it with "
+            f"the bundle's {role} is registry model {entry.registry_name!r:.80}, which is not registered "
+            f"here ({str(exc.args[0] if exc.args else exc)[:200]}); import the module that registers it with "
             "fallbackformer.register_model before ff.load"
         ) from None
-    filename = entry["file"]
-    state = load_file(str(Path(path) / filename))
-    _compare_state(model.state_dict(), state, role, filename, entry)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    except (*_PARSE_ERRORS, RuntimeError, NotImplementedError) as exc:
+        raise BundleError(
+            f"{fld}.registry_kwargs {entry.registry_kwargs!r:.120} cannot build {entry.registry_name!r:.80} "
+            f"({type(exc).__name__}: {str(exc)[:200]}); restore the original manifest, or re-save the bundle"
+        ) from None
 
 
-def _load_router(path: Path, manifest: Mapping[str, Any]) -> Any:
-    """The manifest's router (``None`` when it has none), rebuilt from its config and weights file."""
-    section = manifest.get("router")
-    if section is None:
-        return None
-    from safetensors.torch import load_file
+def load_weights(path: Path, manifest: Manifest, role: str, blob: bytes) -> nn.Module:
+    """Rebuild ``role`` from the bytes already read and hashed: shapes checked on meta, then built."""
+    from safetensors.torch import load as load_bytes
 
-    from fallbackformer.gates.router import Router
-
+    entry = manifest.models[role]
+    entry_dict = {"registry_name": entry.registry_name, "registry_kwargs": entry.registry_kwargs}
+    shapes = bundle_io.safetensors_shapes(blob, entry.file, path)
+    with torch.device("meta"):
+        meta = _build_model(entry, role, path)
+    expected = meta.state_dict()
+    need = sum(t.numel() * t.element_size() for t in expected.values())
+    if need > len(blob):
+        raise BundleError(
+            f"{path / MANIFEST}: manifest field models.{role}.registry_kwargs {entry.registry_kwargs!r:.120} "
+            f"asks for {need} bytes of tensors but {entry.file} holds {len(blob)} bytes; refused before "
+            "allocating. Restore the original manifest, or re-save the bundle with ff.save"
+        )
+    _compare_state(expected, shapes, role, entry.file, entry_dict)
     try:
-        state = load_file(str(path / section["file"]))
-        return Router.from_config(section, state).eval()
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise BundleError(f"{path / MANIFEST}: the router section cannot be rebuilt ({exc}); re-save the "
-                          "bundle with ff.save") from None
+        state = load_bytes(blob)
+    except Exception as exc:  # safetensors' own error type; the bytes are hashed, so this is a bad save
+        raise BundleError(f"{entry.file} in bundle {path} cannot be read as safetensors ({exc}); re-save the bundle") from None
+    model = _build_model(entry, role, path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        raise BundleError(f"{entry.file} in bundle {path} does not fit the {role} ({str(exc)[:200]}); re-save the bundle") from None
+    return model.eval()
 
 
 def load(
@@ -472,12 +444,13 @@ def load(
     ort_threads: int | None = None,
     trusted_keys: Iterable[Any] | None = None,
 ) -> "FallbackModel":
-    """Load a bundle: verify the manifest digest and every file's sha256, rebuild, return the model.
+    """Load a bundle: verify the manifest digest and every file's size and sha256, rebuild, return the model.
 
-    Nothing is unpickled: weights are safetensors, everything else is JSON.
+    Nothing is unpickled: weights are safetensors, everything else is JSON. Each file is read once
+    and the bytes hashed are the bytes deserialized.
 
     Args:
-        path: the bundle folder.
+        path: the bundle (a folder or the symlink ``ff.save`` made), or its ``manifest.json``.
         backend: ``"torch"``, or ``"onnxruntime"`` to run each stage, head and the student as an
             onnxruntime session under the same runtime (the bundle must have been saved with
             ``onnx=True``).
@@ -494,68 +467,79 @@ def load(
     Returns:
         A :class:`FallbackModel` in eval mode; ``model.model_hashes`` holds the files' sha256 and
         ``model.profile`` the saved latency profile as priors (call ``model.warm_up(x)`` on this
-        machine before serving: its live timings replace them).
+        machine before serving: its live timings replace them). ``model.bundle_manifest`` is the
+        manifest as read; ``model.bundle_sections`` the parsed optional sections.
 
     Raises:
-        BundleError: for a missing file, a changed file, an edited manifest, an unknown format
-            version or weights that do not fit the manifest's models; the message names the
-            culprit and the fix.
+        BundleError: for anything but a bundle that loads (a missing, changed, oversized or special
+            file, an edited manifest or one outside the schema, an unknown format version, weights
+            that do not fit the manifest's models); the message names the culprit and the fix.
     """
-    from fallbackformer.gates.gate import ConfidenceGate
     from fallbackformer.runtime.fallback_model import FallbackModel
-    from fallbackformer.runtime.latency import LatencyProfile
-    from fallbackformer.runtime.validation import InputSpec
 
     if backend not in BACKENDS:
         raise BundleError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-    path = Path(path)
-    manifest = read_manifest(path)
+    path = bundle_io.bundle_folder(path)
+    root, manifest, blobs, hashes = bundle_io.read_version(path)
     if trusted_keys is not None:  # signed sign-off (issue 14)
         from fallbackformer.export.signing import verify_bundle_signature
 
-        verify_bundle_signature(path, manifest, trusted_keys)
+        verify_bundle_signature(root, manifest.raw, trusted_keys)
     from fallbackformer.export.bounds import enforce_bounds
 
-    breaches = enforce_bounds(manifest, f"ff.load of {path}")
-    hashes = verify_files(path, manifest)
+    breaches = enforce_bounds(manifest.raw, f"ff.load of {path}")
+    router = _load_router(path, manifest, blobs)
     if backend == "onnxruntime":
         from fallbackformer.export.ort_backend import load_ort_modules
 
-        primary, student = load_ort_modules(path, manifest, threads=ort_threads)
+        # (onnxruntime opens the graphs by path: from the immutable version folder just verified)
+        primary, student = load_ort_modules(root, manifest.raw, threads=ort_threads)
     else:
-        primary = load_weights(path, manifest, "primary")
-        student = load_weights(path, manifest, "student")
-    gates = {name: ConfidenceGate.from_config(cfg) for name, cfg in manifest["gates"].items()}
-    router = _load_router(path, manifest)
-    spec = manifest.get("input_spec")
-    saved_profile = manifest.get("latency_profile")
-    try:  # the saving machine's timings, as priors (see the module docstring); absent: a fresh profile
-        profile = LatencyProfile.from_dict(saved_profile) if saved_profile is not None else None
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise BundleError(
-            f"{path / MANIFEST} has a latency_profile this fallbackformer cannot read ({exc}); load the "
-            "bundle with the fallbackformer version that wrote it, or re-save it with this one"
-        ) from None
-    model = FallbackModel(
-        primary,
-        student,
-        gates,
-        policy=_policy_from_json(manifest["policy"]),
-        input_spec=InputSpec.from_dict(spec) if spec is not None else None,
-        clock=clock,
-        sinks=sinks,
-        class_names=manifest.get("class_names"),
-        profile=profile,
-        router=router,
-    )
-    if list(model.path_names) != list(manifest["paths"]):
-        raise BundleError(
-            f"the rebuilt model's paths {model.path_names} differ from the manifest's {manifest['paths']}; "
-            "re-save the bundle with ff.save"
+        primary = load_weights(path, manifest, "primary", blobs[manifest.models["primary"].file])
+        student = load_weights(path, manifest, "student", blobs[manifest.models["student"].file])
+    try:
+        model = FallbackModel(
+            primary,
+            student,
+            manifest.gates,
+            policy=manifest.policy,
+            input_spec=manifest.input_spec,
+            clock=clock,
+            sinks=sinks,
+            class_names=manifest.class_names,
+            profile=manifest.latency_profile,
+            router=router,
         )
-    model.model_hashes = {
-        role: hashes[entry["file"]] for role, entry in manifest["models"].items()
-    } | {"manifest": manifest[DIGEST_FIELD]}
-    model.bundle_manifest = manifest
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BundleError(
+            f"{path / MANIFEST}: the manifest's gates, policy and class names do not make a model "
+            f"({type(exc).__name__}: {str(exc)[:300]}); restore the original manifest, or re-save the bundle"
+        ) from None
+    if list(model.path_names) != manifest.paths:
+        raise BundleError(
+            f"{path / MANIFEST}: manifest field paths {manifest.paths} differ from the rebuilt model's "
+            f"{model.path_names}; re-save the bundle with ff.save"
+        )
+    model.model_hashes = {role: hashes[entry.file] for role, entry in manifest.models.items()} | {
+        "manifest": manifest.raw[DIGEST_FIELD]
+    }
+    model.bundle_manifest = manifest.raw
+    model.bundle_sections = manifest.sections
     model.bounds_breaches = breaches
     return model.eval()
+
+
+def _load_router(path: Path, manifest: Manifest, blobs: Mapping[str, bytes]) -> Any:
+    """The manifest's router (``None`` when it has none), from its config and the bytes already verified."""
+    section = manifest.router
+    if section is None:
+        return None
+    from safetensors.torch import load as load_bytes
+
+    from fallbackformer.gates.router import Router
+
+    try:
+        return Router.from_config(section, load_bytes(blobs[section["file"]])).eval()
+    except Exception as exc:  # a config the router refuses, or weights that do not fit it
+        raise BundleError(f"{path / MANIFEST}: manifest field router cannot be rebuilt ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); restore the original manifest, or re-save the bundle with ff.save") from None

@@ -109,6 +109,9 @@ def _delay_hook(delay: ScriptedDelay) -> Callable[..., None]:
 
 def _low_confidence(ctx: DrillContext) -> tuple[FallbackOutput, dict[str, Any]]:
     model, _ = ctx.model()
+    if model.router is not None:  # the router decides: raise its one threshold above any probability
+        model.router.threshold.fill_(2.0)
+        return model(ctx.inputs(model)), {"fault": "the router's threshold raised to 2.0 (trusts no answer)"}
     for name in model.primary.exit_names:  # a primary unsure of everything: no exit's gate accepts
         gate = model.gates[name]
         if not torch.isinf(gate.threshold):
@@ -188,6 +191,20 @@ def _drift(ctx: DrillContext) -> tuple[FallbackOutput, dict[str, Any]]:
                  "calls_until_drift": calls, "gate": model.drift_gate}
 
 
+def _router_preferred(ctx: DrillContext) -> tuple[FallbackOutput, dict[str, Any]]:
+    model, _ = ctx.model()
+    router = model.router
+    if router is None:
+        raise RuntimeError("the bundle has no router, so no answer can carry router_preferred; "
+                           "rebuild it with router=default")
+    never = lambda module, args, out: torch.zeros_like(out)  # noqa: E731  (P(right) = 0)
+    for k in range(router.num_exits):  # the router judges every exit and the primary wrong
+        router.scorers[str(k)].register_forward_hook(never)
+    router.threshold.fill_(0.0)  # and accepts the student wherever it is judged better
+    return model(ctx.inputs(model)), {"fault": "the router's scorers for every exit and the primary return 0; "
+                                               "threshold 0: the student is judged more likely right"}
+
+
 @dataclass(frozen=True)
 class Drill:
     """A named fault and the reason it must produce."""
@@ -207,6 +224,7 @@ DRILLS: tuple[Drill, ...] = (
     Drill("rollback_switch", R.BREAKER_OPEN, _rollback),
     Drill("invalid_input", R.INVALID_INPUT, _invalid_input),
     Drill("calibration_drift", R.CALIBRATION_DRIFT, _drift),
+    Drill("router_preferred", R.ROUTER_PREFERRED, _router_preferred),
 )
 
 

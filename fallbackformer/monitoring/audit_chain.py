@@ -32,9 +32,9 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = [
     "GENESIS",
@@ -164,6 +164,7 @@ class ChainedLogFile:
         policy_digest: str | None = None,
         max_bytes: int | None = None,
         max_files: int | None = None,
+        opener: Callable[[Path], IO[bytes]] | None = None,
     ) -> None:
         if max_bytes is not None and max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1 (or None: no rotation); got {max_bytes!r}")
@@ -182,21 +183,50 @@ class ChainedLogFile:
             self.chain = AuditChain(
                 str(last.get("hash", GENESIS)) if last else GENESIS, int(last.get("seq", 0)) if last else 0
             )
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-        self._size = self._file.tell()
+        self._opener = opener or (lambda p: open(p, "ab", buffering=0))  # noqa: SIM115 - closed by close()
+        self._file = self._opener(self.path)
+        self._size = os.path.getsize(self.path)  # the end of the last whole line
 
-    def write_record(self, record: Mapping[str, Any]) -> None:
-        """Chain ``record`` (JSON-safe values), rotate if needed, and write it as one line."""
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        """Chain ``record`` (JSON-safe values; the chain advances) and encode it as one line."""
         body = dict(record)
         if self.chain is not None:
             body["policy_digest"] = self.policy_digest
             body = self.chain.append(body)
-        line = json.dumps(body, sort_keys=True, allow_nan=False) + "\n"
-        n = len(line.encode("utf-8"))
-        if self.max_bytes is not None and self._size > 0 and self._size + n > self.max_bytes:
-            self._rotate()
-        self._file.write(line)
-        self._size += n
+        return (json.dumps(body, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+    def write_record(self, record: Mapping[str, Any]) -> None:
+        """Chain, rotate if needed, and write one record (see :meth:`write_records`)."""
+        self.write_records([record])
+
+    def write_records(self, records: Sequence[Mapping[str, Any]], fsync: bool = False) -> None:
+        """Chain, rotate if needed, write and flush ``records`` as whole lines.
+
+        On a failed write (a full disk) the file is cut back to its last whole line and the chain
+        goes back to the last record on disk, then the error is raised: the lines that were lost
+        never enter the chain.
+        """
+        saved = (self.chain.prev_hash, self.chain.seq) if self.chain is not None else None
+        try:
+            data = b"".join(self.encode(r) for r in records)
+            if self.max_bytes is not None and self._size > 0 and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            view = memoryview(data)
+            while view:
+                n = self._file.write(view)
+                view = view[n if n is not None else len(view):]
+            self._file.flush()
+            if fsync:
+                os.fsync(self._file.fileno())
+        except BaseException:
+            if saved is not None:
+                self.chain.prev_hash, self.chain.seq = saved  # type: ignore[union-attr]
+            try:
+                self._file.truncate(self._size)  # no torn last line
+            except Exception:  # the reader skips a torn last line and says so
+                pass
+            raise
+        self._size += len(data)
 
     def _rotate(self) -> None:
         self._file.close()
@@ -213,7 +243,7 @@ class ChainedLogFile:
             self.path.unlink()
         else:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._file = self._opener(self.path)
         self._size = 0
 
     def flush(self) -> None:

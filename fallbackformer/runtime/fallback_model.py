@@ -580,6 +580,8 @@ class FallbackModel(nn.Module):
                 _check_logits(logits, n, exit_name)
                 state.num_classes = logits.shape[1]
                 if evidence is not None:  # the router decides from the evidence
+                    if state.drift_scores is None and policy.drift_check:  # the drift check still reads the gate
+                        state.drift_scores = gates[exit_name].decide(logits)[1]
                     evidence.exit_logits.append(logits)
                     evidence.feature_scores.append(router.feature_scores[len(evidence.exit_logits) - 1](h))
                     if i == last:

@@ -56,12 +56,23 @@ def check_batch(x: Any, spec: InputSpec | None) -> torch.Tensor:
             f"input must be a torch.Tensor; got {type(x).__name__}. Wrap it: torch.as_tensor(x, dtype=torch.float32)"
         )
     if spec is None:
+        if x.is_meta:
+            raise InvalidInputError(
+                f"input of shape {tuple(x.shape)} is on the meta device: it has a shape but no values; "
+                "pass a tensor with data (e.g. torch.zeros(..., device='cpu'))"
+            )
         if x.dim() < 1 or x.shape[0] == 0:
             raise InvalidInputError(f"input must be a non-empty batch [B, ...]; got shape {tuple(x.shape)}")
         return x
     shape, target = x.shape, _DTYPES.get(spec.dtype)
-    if x.dtype == target and shape[1:] == spec.shape and len(shape) == len(spec.shape) + 1 and shape[0] > 0:
+    if x.dtype == target and shape[1:] == spec.shape and len(shape) == len(spec.shape) + 1 and shape[0] > 0 and not x.is_meta:
         return x  # the common case, in as few steps as possible; anything else gets the checks below
+    if x.is_meta:
+        raise InvalidInputError(
+            f"input of shape {tuple(x.shape)} is on the meta device: it has a shape but no values to "
+            "answer. Pass a tensor with data (e.g. on 'cpu': x = torch.zeros(..., device='cpu')); a "
+            "module built under torch.device('meta') needs to_empty(device='cpu') and its weights loaded"
+        )
     expected = (len(spec.shape) + 1)
     if x.dim() == len(spec.shape) and tuple(x.shape) == spec.shape:
         raise InvalidInputError(
@@ -82,7 +93,19 @@ def check_batch(x: Any, spec: InputSpec | None) -> torch.Tensor:
             )
         raise InvalidInputError(f"input dtype {x.dtype} is not supported; expected {spec.dtype}")
     target = _dtype(spec.dtype)
-    return x if x.dtype == target else x.to(target)
+    if x.dtype == target:
+        return x
+    y = x.to(target)
+    if torch.finfo(x.dtype).max > torch.finfo(target).max:  # a narrowing cast: remember overflows
+        overflow = torch.isfinite(x) & ~torch.isfinite(y)
+        if bool(overflow.any()):  # the message says so, rather than "NaN or inf"
+            y._ff_cast_overflow = (x.dtype, x[overflow].abs().max().item())
+    return y
+
+
+def _overflow_of(x: torch.Tensor) -> tuple[torch.dtype, float] | None:
+    """(source dtype, largest overflowing magnitude) when ``check_batch``'s cast made ``x`` overflow."""
+    return getattr(x, "_ff_cast_overflow", None)
 
 
 _DTYPES: dict[str, torch.dtype] = {}
@@ -113,7 +136,17 @@ def describe_bad_samples(x: torch.Tensor, bad: torch.Tensor, spec: InputSpec | N
     first = idx[0]
     vals = x[first].reshape(-1)
     finite = torch.isfinite(vals)
-    if not bool(finite.all()):
+    overflow = _overflow_of(x)
+    if not bool(finite.all()) and overflow is not None:
+        src, biggest = overflow
+        what = (
+            f"values too large for {x.dtype} in sample {first} (the largest, {biggest:g}, is finite as "
+            f"{src} but beyond {x.dtype}'s range of \u00b1{torch.finfo(x.dtype).max:.3g}: the cast overflows to inf)"
+        )
+        fix = "clip or rescale them before calling the model" + (
+            f" (raw values in [{spec.value_range[0]:g}, {spec.value_range[1]:g}])" if spec and spec.value_range else ""
+        )
+    elif not bool(finite.all()):
         what = f"non-finite values (NaN or inf) in sample {first}"
         fix = "clean or drop those samples before calling the model"
     else:

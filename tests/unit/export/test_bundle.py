@@ -48,7 +48,7 @@ def test_round_trip_is_exact_and_manifest_is_complete(model, raw, tmp_path):
     _same(loaded(x), expected)
 
     m = json.loads((path / MANIFEST).read_text())
-    assert m["format_version"] == 1 and m["fallbackformer_version"] == ff.__version__
+    assert m["format_version"] == 2 and m["fallbackformer_version"] == ff.__version__
     assert m["models"]["primary"] == {
         "registry_name": "digits_cnn_exits", "registry_kwargs": {"width": 4}, "file": "primary.safetensors"
     }
@@ -146,7 +146,7 @@ def test_refuses_a_missing_folder(tmp_path):
 
 def test_refuses_an_unknown_format_version(bundle):
     _rewrite_manifest(bundle, lambda m: m.__setitem__("format_version", 99))
-    with pytest.raises(BundleError, match=r"unknown bundle format_version 99; this fallbackformer reads \[1\]"):
+    with pytest.raises(BundleError, match=r"unknown bundle format_version 99; this fallbackformer reads \[1, 2\]"):
         load(bundle)
 
 
@@ -155,7 +155,7 @@ def test_refuses_weights_whose_shapes_do_not_match_the_manifest_model(bundle):
     wide = ff.create_model("digits_mlp_student", hidden=32)
     p = bundle / "student.safetensors"
     save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, str(p))
-    _rewrite_manifest(bundle, lambda m: m["files"]["student.safetensors"].__setitem__("sha256", sha256_file(p)))
+    _rewrite_manifest(bundle, lambda m: m["files"]["student.safetensors"].update(sha256=sha256_file(p), bytes=p.stat().st_size))
     with pytest.raises(BundleError) as err:
         load(bundle)
     msg = str(err.value)
@@ -168,7 +168,7 @@ def test_refuses_weights_with_a_missing_tensor(bundle):
     state = load_file(str(p))
     del state["heads.0.2.weight"]
     save_file(state, str(p))
-    _rewrite_manifest(bundle, lambda m: m["files"]["primary.safetensors"].__setitem__("sha256", sha256_file(p)))
+    _rewrite_manifest(bundle, lambda m: m["files"]["primary.safetensors"].update(sha256=sha256_file(p), bytes=p.stat().st_size))
     with pytest.raises(BundleError, match=r"primary\.safetensors lacks tensor 'heads\.0\.2\.weight'"):
         load(bundle)
 

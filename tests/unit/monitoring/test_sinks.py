@@ -56,7 +56,7 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path: Path) -> No
     assert sink.dropped == 3
     sink.start()
     sink.flush()
-    assert sink.stats() == {"written": 2, "dropped": 3, "errors": 0, "queued": 0}
+    assert sink.stats() == {"written": 2, "dropped": 3, "errors": 0, "write_errors": 0, "queued": 0}
     sink.close()
     assert [r["request_id"] for r in read_jsonl(tmp_path / "e.jsonl")] == ["r0", "r1"]
     with pytest.raises(RuntimeError, match="closed"):
