@@ -6,7 +6,9 @@ the :class:`~fallbackformer.gates.evidence.Evidence` (every exit reached, the st
 agreement, a feature-space score) and estimates, per sample, the probability that each candidate
 answer is right. It decides, in the order the runtime meets them:
 
-1. after each early exit ``k``: answer with exit ``k`` when ``p_k >= threshold``;
+1. after each early exit ``k``: answer with exit ``k`` when ``p_k >= max(threshold, exit_floor)``
+   (``exit_floor``, fixed before calibration: an early answer must be very likely right, so that
+   under shift the samples an exit is unsure of reach the primary and the student);
 2. after the primary's final head: answer with whichever of the primary and the student is more
    likely right, when that probability is ``>= threshold`` (the student answers with reason
    ``router_preferred``); otherwise the safe default (``low_confidence``);
@@ -93,12 +95,14 @@ class Router(nn.Module):
         num_classes: C.
         feature_dims: per head, the pooled width of the stage output it reads (for the feature scores).
         hidden: hidden units of each scorer.
+        exit_floor: an early exit answers only when ``p_k`` also reaches this (0: the threshold alone).
 
     The scorers are keyed ``"0" .. "E-1"`` (exit ``k``; ``E-1`` is the primary), ``"student"`` and
     ``"student_alone"``. ``threshold`` (a buffer, +inf until certified) is shared by every decision.
     """
 
-    def __init__(self, num_exits: int, num_classes: int, feature_dims: Sequence[int], hidden: int = 16) -> None:
+    def __init__(self, num_exits: int, num_classes: int, feature_dims: Sequence[int], hidden: int = 16,
+                 exit_floor: float = 0.0) -> None:
         super().__init__()
         if len(feature_dims) != num_exits:
             raise ValueError(f"feature_dims has {len(feature_dims)} entries; expected one per head ({num_exits})")
@@ -106,6 +110,9 @@ class Router(nn.Module):
         self.num_classes = int(num_classes)
         self.feature_dims = [int(d) for d in feature_dims]
         self.hidden = int(hidden)
+        if not 0.0 <= exit_floor <= 1.0:
+            raise ValueError(f"exit_floor={exit_floor} must lie in [0, 1] (a probability that an early answer is right)")
+        self.exit_floor = float(exit_floor)
         self.feature_scores = nn.ModuleList(MahalanobisScore.empty(num_classes, d) for d in self.feature_dims)
         positions: list[int | str] = [*range(num_exits), "student", "student_alone"]
         self.scorers = nn.ModuleDict({str(p): Scorer(feature_width(p, num_exits), hidden) for p in positions})
@@ -121,7 +128,7 @@ class Router(nn.Module):
     def decide_exit(self, evidence: Evidence, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """At early exit ``k``: ``(accept [B] bool, confidence [B], prediction [B])``."""
         p = self.exit_probability(evidence, k)
-        return p >= self.threshold, p, evidence.exit_logits[k].argmax(-1)
+        return (p >= self.threshold) & (p >= self.exit_floor), p, evidence.exit_logits[k].argmax(-1)
 
     def decide_final(self, evidence: Evidence) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """After the final head: ``(accept, use_student, confidence, prediction)``, each ``[B]``.
@@ -177,6 +184,7 @@ class Router(nn.Module):
             "num_classes": self.num_classes,
             "feature_dims": list(self.feature_dims),
             "hidden": self.hidden,
+            "exit_floor": self.exit_floor,
             "threshold": _json_float(float(self.threshold)),
             "guarantee": self.guarantee,
         }
@@ -191,7 +199,8 @@ class Router(nn.Module):
             raise ValueError(f"router config_version {version!r} is not {ROUTER_CONFIG_VERSION}; re-save the bundle")
         try:
             router = cls(int(config["num_exits"]), int(config["num_classes"]),
-                         [int(d) for d in config["feature_dims"]], int(config["hidden"]))
+                         [int(d) for d in config["feature_dims"]], int(config["hidden"]),
+                         float(config.get("exit_floor", 0.0)))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"router config lacks or mistypes {exc}; expected num_exits, num_classes, "
                              "feature_dims and hidden") from exc

@@ -99,7 +99,9 @@ def router_probabilities(router: Router, evidence: Evidence, labels: Tensor) -> 
     """The router's probabilities and the correctness of each candidate on labelled evidence."""
     e = router.num_exits
     nan = lambda t: torch.nan_to_num(t.float(), nan=-1.0)  # noqa: E731  (NaN is never accepted)
-    exits = [nan(router.exit_probability(evidence, k)) for k in range(e - 1)]
+    # an exit below the floor can never answer: as if its probability were -1 (never >= a threshold)
+    exits = [torch.where(p >= router.exit_floor, p, torch.full_like(p, -1.0))
+             for p in (nan(router.exit_probability(evidence, k)) for k in range(e - 1))]
     exit_wrong = [evidence.exit_logits[k].argmax(-1) != labels for k in range(e - 1)]
     _, _, final, pred = router.decide_final(evidence)
     _, alone, s_pred = router.decide_student_alone(evidence.student_logits)

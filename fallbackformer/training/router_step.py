@@ -35,6 +35,7 @@ class RouterConfig:
         corruptions: tunable corruptions of the mixture (``None``: the shift suite's tunable names).
         severities: severities of the mixture and of the scorers' training data.
         hidden: hidden units of each scorer.
+        exit_floor: an early exit answers only when the router judges it at least this likely right.
         deadline_robust: certify every cascade a deadline cuts short too.
         seed: seeds the mixture draw and the scorers.
     """
@@ -46,6 +47,7 @@ class RouterConfig:
     corruptions: Sequence[str] | None = None
     severities: Sequence[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     hidden: int = 16
+    exit_floor: float = 0.9
     deadline_robust: bool = True
     seed: int = 0
 
@@ -57,7 +59,8 @@ def fit_router(primary: nn.Module, student: nn.Module, splits: dict[str, tuple[T
     names = list(config.corruptions or corruptions)
     x_train, y_train = splits["train"]
     _, pooled = collect_evidence(primary, student, None, x_train)
-    router = Router(primary.num_exits, num_classes, [p.shape[1] for p in pooled], hidden=config.hidden)
+    router = Router(primary.num_exits, num_classes, [p.shape[1] for p in pooled], hidden=config.hidden,
+                    exit_floor=config.exit_floor)
     router.fit_feature_scores(pooled, y_train)
 
     x_val, y_val = splits["val"]
