@@ -27,7 +27,9 @@ def test_augmix_composes_and_reaches_the_modules():
     assert set(aug.config.operations) == set(TUNING_CORRUPTIONS) and not set(aug.config.operations) & HELD_OUT
 
 
-def test_the_default_is_no_augmentation():
+def test_the_default_is_augmix_and_none_turns_it_off():
     cfg = _compose([])
-    assert cfg.augment._target_ == "fallbackformer.data.augment.NoAugmentation"
-    assert _augmentation(cfg) is None
+    assert cfg.augment._target_ == "fallbackformer.data.augment.AugMix"  # chosen on the validation split
+    off = _compose(["augment=none"])
+    assert off.augment._target_ == "fallbackformer.data.augment.NoAugmentation"
+    assert _augmentation(off) is None
