@@ -172,3 +172,32 @@ def best_checkpoint(callbacks: list[Callback], monitor: str) -> ModelCheckpoint 
         if isinstance(callback, ModelCheckpoint) and callback.monitor == monitor:
             return callback
     return None
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """Refuse what Lightning's script launcher cannot do: a DDP trainer inside a Hydra multirun.
+
+    ``strategy: ddp`` re-runs the command line for ranks >= 1; under ``-m`` that command is the
+    whole sweep again. Sweeps run one process per trial.
+
+    Raises:
+        ValueError: ``cfg.trainer`` is a subprocess DDP setup and Hydra runs in MULTIRUN mode.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    trainer = cfg.get("trainer")
+    if trainer is None or not HydraConfig.initialized():
+        return
+    strategy = trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    subprocess_ddp = target.endswith("DDPStrategy") and (not isinstance(strategy, DictConfig)
+                                                         or strategy.get("start_method", "popen") == "popen")
+    subprocess_ddp = subprocess_ddp or target == "ddp"
+    if subprocess_ddp and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ValueError(
+            f"trainer.strategy={target} re-launches the script for every rank, which a Hydra multirun (-m) "
+            "cannot do; sweep with one process per trial (the default trainer, or trainer.devices=1 and no "
+            "strategy), and train the chosen setting with trainer=ddp_sim afterwards"
+        )
+

@@ -170,10 +170,11 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     from lightning.pytorch.utilities import rank_zero_only
 
-    from fallbackformer.training.callbacks import interactive
+    from fallbackformer.training.callbacks import check_launch, interactive
     from fallbackformer.training.console import setup_console_logging
 
     setup_console_logging()  # each Lightning line once (Hydra's handlers only), no "Tip" lines
+    check_launch(cfg)  # trainer=ddp_sim re-launches the script per rank: not inside a -m sweep
     if cfg.get("evaluation") is not None and cfg.evaluation.get("progress") is None:
         cfg.evaluation.progress = interactive(cfg.get("progress"))  # bars only on a terminal
     seconds: dict[str, float] = {}

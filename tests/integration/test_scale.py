@@ -199,3 +199,12 @@ def test_console_prints_each_lightning_line_once_and_no_tip(tmp_path):
     assert after.count("GPU available: False, used: False") == 1
     assert len(after) == len(set(after)), after
     assert not [line for line in after if "Tip" in line], after
+
+
+def test_ddp_inside_a_sweep_is_refused_with_the_fix():
+    from fallbackformer.training.callbacks import check_launch
+
+    check_launch(_compose(["trainer=ddp_sim"]))  # a single run: fine
+    check_launch(_compose(["hydra.mode=MULTIRUN"]))  # a sweep of single-process trials: fine
+    with pytest.raises(ValueError, match=r"DDPStrategy re-launches .* multirun \(-m\).*default trainer"):
+        check_launch(_compose(["trainer=ddp_sim", "hydra.mode=MULTIRUN"]))
