@@ -192,7 +192,48 @@ def _console(tmp_path: Path, fixed: bool) -> list[str]:
     return [line.split(" - ", 1)[-1].removeprefix("INFO: ") for line in lines if line.strip()]
 
 
+def test_console_setup_prints_each_lightning_record_once_and_no_tip():
+    """In process: Hydra's situation (a root handler, and lightning's own handler on "lightning")."""
+    import io
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from fallbackformer.training.console import _LIGHTNING_LOGGERS, _RANK_ZERO_LOGGERS, setup_console_logging
+
+    names = ("", *_LIGHTNING_LOGGERS, *_RANK_ZERO_LOGGERS)
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).filters[:], logging.getLogger(n).propagate,
+                 logging.getLogger(n).level) for n in names}
+    stream = io.StringIO()
+    hydra_like, own = logging.StreamHandler(stream), logging.StreamHandler(stream)
+    hydra_like.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
+    own.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))  # what `import lightning` installs
+    try:
+        for n in names:
+            logging.getLogger(n).handlers, logging.getLogger(n).propagate = [], True
+        logging.getLogger().handlers = [hydra_like]
+        logging.getLogger().setLevel(logging.INFO)
+        logging.getLogger("lightning").handlers = [own]
+        rank_zero_info("GPU available: False, used: False")
+        assert stream.getvalue().count("GPU available") == 2  # the bug this guards against
+        setup_console_logging()
+        setup_console_logging()  # idempotent
+        stream.seek(0), stream.truncate()
+        rank_zero_info("GPU available: False, used: False")
+        rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
+        lines = stream.getvalue().splitlines()
+        assert lines == ["[lightning.pytorch.utilities.rank_zero][INFO] - GPU available: False, used: False"], lines
+    finally:
+        for n, (handlers, filters, propagate, level) in saved.items():
+            logger = logging.getLogger(n)
+            logger.handlers, logger.filters, logger.propagate = handlers, filters, propagate
+            logger.setLevel(level)
+        for handler in (hydra_like, own):
+            handler.close()
+
+
+@pytest.mark.slow
 def test_console_prints_each_lightning_line_once_and_no_tip(tmp_path):
+    """The same with a real Trainer in a fresh process (two lightning imports: slow on 2 shared cores)."""
     before = _console(tmp_path, fixed=False)
     assert before.count("GPU available: False, used: False") == 2  # the bug this guards against
     after = _console(tmp_path, fixed=True)
