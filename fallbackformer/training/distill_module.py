@@ -101,14 +101,14 @@ class DistillModule(L.LightningModule):
             distill = hinton_loss(logits[: x.shape[0]], teacher_logits, y, self.temperature, self.alpha)
             jsd = jensen_shannon(*logits.chunk(3))
             loss = distill + self.augment.lambda_jsd * jsd
-            self.log("train/jsd", jsd)
-        self.log("train/distill_loss", loss, prog_bar=True)
+            self.log("train/jsd", jsd, sync_dist=True)
+        self.log("train/distill_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         self.val_acc.update(self.student(x), y)
-        self.log("val/acc_student", self.val_acc, on_epoch=True)
+        self.log("val/acc_student", self.val_acc, on_epoch=True)  # a torchmetrics Metric: syncs across ranks itself
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.student.parameters())

@@ -81,18 +81,18 @@ class MultiExitModule(L.LightningModule):
             ce = self._loss([lg[: x.shape[0]] for lg in all_logits], y)
             jsd = self._jsd(all_logits)
             loss = ce + self.augment.lambda_jsd * jsd
-            self.log("train/ce", ce)
-            self.log("train/jsd", jsd)
-        self.log("train/loss", loss, prog_bar=True)
+            self.log("train/ce", ce, sync_dist=True)
+            self.log("train/jsd", jsd, sync_dist=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         all_logits = self.model(x)
-        self.log("val/loss", self._loss(all_logits, y))
+        self.log("val/loss", self._loss(all_logits, y), sync_dist=True)
         for name, metric, logits in zip(self.model.exit_names, self.val_acc, all_logits):
             metric.update(logits, y)
-            self.log(f"val/acc_{name}", metric, on_epoch=True)
+            self.log(f"val/acc_{name}", metric, on_epoch=True)  # a torchmetrics Metric: syncs across ranks itself
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.model.parameters())

@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -46,18 +46,43 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def _fit(module: L.LightningModule, datamodule: L.LightningDataModule, trainer_cfg: DictConfig,
          monitor: str, max_epochs: int | None, ckpt_dir: Path) -> tuple[float, dict[str, float]]:
-    """Fit with Lightning, keep the checkpoint that is best on validation, load it back."""
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode="max", save_top_k=1,
-                                 filename="best", enable_version_counter=False)
-    overrides: dict[str, Any] = {"callbacks": [checkpoint], "default_root_dir": str(ckpt_dir)}
+    """Fit with Lightning, keep the checkpoint that is best on validation, load it back.
+
+    The callbacks, logger, resume checkpoint and progress display come from the config that holds
+    ``trainer_cfg`` (``cfg.callbacks``, ``cfg.logger``, ``cfg.ckpt_path``, ``cfg.progress``; see
+    :mod:`fallbackformer.training.callbacks`). A config without a ``callbacks`` key (the stage
+    scripts') gets a checkpoint on ``monitor`` alone; ``callbacks: null`` gets none.
+    """
+    from fallbackformer.training.callbacks import (
+        best_checkpoint, build_callbacks, build_logger, interactive, resume_path,
+    )
+
+    root = trainer_cfg._get_root()  # the whole run config (trainer_cfg itself when it stands alone)
+    stage = ckpt_dir.name
+    progress = interactive(root.get("progress"))
+    if "callbacks" in root:
+        callbacks = build_callbacks(root.callbacks, monitor, ckpt_dir, progress, stage)
+    else:
+        callbacks = [ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode="max", save_top_k=1,
+                                     filename="best", enable_version_counter=False)]
+    checkpoint = best_checkpoint(callbacks, monitor)
+    overrides: dict[str, Any] = {"callbacks": callbacks, "default_root_dir": str(ckpt_dir),
+                                 "enable_progress_bar": progress and any(isinstance(c, ProgressBar) for c in callbacks)}
+    if root.get("logger") is not None:
+        # <run>/logs/<stage>/: next to checkpoints/, not inside the checkpoint folder
+        overrides["logger"] = build_logger(root.logger, ckpt_dir.parent.parent / "logs" / stage)
     if max_epochs is not None:
         overrides["max_epochs"] = max_epochs
     trainer: L.Trainer = instantiate(trainer_cfg, **overrides)
-    trainer.fit(module, datamodule=datamodule)
-    if checkpoint.best_model_path:
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(root.get("ckpt_path"), module, stage))
+    # Every rank loads the same best weights (the file is written by rank zero before a barrier), so
+    # under DDP the teacher of the next stage is the same in every process.
+    trainer.strategy.barrier("fallbackformer._fit")
+    if checkpoint is not None and checkpoint.best_model_path:
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
-    best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
+    score = checkpoint.best_model_score if checkpoint is not None else None
+    best = float(score) if score is not None else float("nan")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return best, metrics
 
@@ -143,6 +168,15 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from fallbackformer.evaluation.shift_eval import CLEAN
     from fallbackformer.export import check_onnx_parity, export_onnx, save
 
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from fallbackformer.training.callbacks import check_launch, interactive
+    from fallbackformer.training.console import setup_console_logging
+
+    setup_console_logging()  # each Lightning line once (Hydra's handlers only), no "Tip" lines
+    check_launch(cfg)  # trainer=ddp_sim re-launches the script per rank: not inside a -m sweep
+    if cfg.get("evaluation") is not None and cfg.evaluation.get("progress") is None:
+        cfg.evaluation.progress = interactive(cfg.get("progress"))  # bars only on a terminal
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
     out_dir = output_dir(cfg)
@@ -162,6 +196,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     t = time.perf_counter()
     student, distill_metrics = distill_student(cfg, datamodule, primary, out_dir / "checkpoints")
     seconds["distill"] = time.perf_counter() - t
+    if rank_zero_only.rank != 0:  # DDP: the other ranks only train; rank zero calibrates, evaluates, saves
+        return {}, {"primary": primary, "student": student, "output_dir": out_dir}
 
     t = time.perf_counter()
     gates, calibration = calibrate_paths(cfg, primary, student, splits, out_dir / "calibration")
