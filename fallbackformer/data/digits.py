@@ -12,8 +12,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fallbackformer.runtime.validation import InputSpec
+
 SPLIT_NAMES = ("train", "val", "calibration", "test")
 CLASS_NAMES = [str(i) for i in range(10)]
+
+INPUT_SPEC = InputSpec(
+    shape=(1, 8, 8),
+    dtype="float32",
+    value_range=(0.0, 16.0),
+    description="raw 8x8 digits image, values 0..16 (scikit-learn load_digits().images)",
+)
+"""The raw input of every digits model: what the datamodule serves and the bundle records."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,19 @@ class SplitFractions:
             raise ValueError(
                 f"split fractions must be positive and sum to 1; got {values} (sum {sum(values):.4f})"
             )
+
+
+def stratified_split_indices(labels: np.ndarray, seed: int, fractions: SplitFractions) -> dict[str, np.ndarray]:
+    """Row indices per split, stratified by class and reproducible for ``seed`` (sorted within a split)."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLIT_NAMES}
+    cuts = np.cumsum([fractions.train, fractions.val, fractions.calibration])
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        bounds = np.round(cuts * len(idx)).astype(int)
+        for name, chunk in zip(SPLIT_NAMES, np.split(idx, bounds)):
+            parts[name].append(chunk)
+    return {name: np.sort(np.concatenate(parts[name])) for name in SPLIT_NAMES}
 
 
 def load_digits_splits(
@@ -52,16 +75,7 @@ def load_digits_splits(
     data = load_digits()
     images = data.images.astype(np.float32)  # [N, 8, 8]
     labels = data.target.astype(np.int64)
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLIT_NAMES}
-    cuts = np.cumsum([fractions.train, fractions.val, fractions.calibration])
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        bounds = np.round(cuts * len(idx)).astype(int)
-        for name, chunk in zip(SPLIT_NAMES, np.split(idx, bounds)):
-            parts[name].append(chunk)
     out = {}
-    for name in SPLIT_NAMES:
-        idx = np.sort(np.concatenate(parts[name]))
+    for name, idx in stratified_split_indices(labels, seed, fractions).items():
         out[name] = (torch.from_numpy(images[idx]).unsqueeze(1), torch.from_numpy(labels[idx]))
     return out
