@@ -43,6 +43,13 @@ def export_onnx(model: FallbackModel, path, **kwargs):
     return _export_onnx(model, path, **kwargs)
 
 
+def export_triton(model: FallbackModel, path, name: str = "model", **kwargs):
+    """Write a Triton model repository (see :func:`fallbackformer.export.triton.export_triton`)."""
+    from fallbackformer.export.triton import export_triton as _export_triton
+
+    return _export_triton(model, path, name=name, **kwargs)
+
+
 __all__ = [
     "REASONS",
     "ConfidenceGate",
@@ -55,6 +62,7 @@ __all__ = [
     "Policy",
     "create_model",
     "export_onnx",
+    "export_triton",
     "list_models",
     "load",
     "register_model",

@@ -1,4 +1,4 @@
-"""fallbackformer.export: bundles (safetensors + a verified manifest), ONNX and torch.export.
+"""fallbackformer.export: bundles (safetensors + a verified manifest), ONNX, torch.export and Triton.
 
 Importing this package needs torch and safetensors only; onnx, onnxscript and onnxruntime are
 imported when an ONNX function is called.
@@ -8,6 +8,7 @@ from fallbackformer.export.bundle import FORMAT_VERSION, BundleError, load, read
 from fallbackformer.export.graph import CombinedGraph, served_by_codes
 from fallbackformer.export.onnx_export import check_onnx_parity, export_onnx, onnxruntime_vs_torch
 from fallbackformer.export.program import export_program
+from fallbackformer.export.triton import export_triton
 
 __all__ = [
     "FORMAT_VERSION",
@@ -16,6 +17,7 @@ __all__ = [
     "check_onnx_parity",
     "export_onnx",
     "export_program",
+    "export_triton",
     "load",
     "onnxruntime_vs_torch",
     "read_manifest",

@@ -483,7 +483,7 @@ class FallbackModel(nn.Module):
         Cached on the identity and version counter of each early gate's threshold buffer: a new gate,
         a new buffer or an in-place change (``fill_``) recomputes it.
         """
-        if self._modules["router"] is not None:  # the router decides at every exit
+        if self.router is not None:  # the router decides at every exit
             return (True,) * len(self._no_exit)
         modules = self._modules["gates"]._modules  # (the hot path: no nn.Module attribute lookup)
         buffers = [modules[name]._buffers.get("threshold") for _, name in self._early_exits]
@@ -534,7 +534,7 @@ class FallbackModel(nn.Module):
         last = len(self._stage_names) - 1
         timings = state.timings  # (stage, batch size, ms): appended by this thread only
         h: Any = None
-        router = self._modules["router"]
+        router = self.router
         evidence = None if router is None else Evidence(student_logits=_rows(state.student_logits, active))
         try:
             for i, name in enumerate(self._stage_names):
@@ -758,7 +758,7 @@ class FallbackModel(nn.Module):
             state.set_reason(active, R.DEADLINE_EXCEEDED, b)
             state.outcome = _EXCEEDED
             return
-        accept, use_student, conf, prediction = self._modules["router"].decide_final(evidence)
+        accept, use_student, conf, prediction = self.router.decide_final(evidence)
         primary_rows = accept & ~use_student
         student_rows = accept & use_student
         if bool(primary_rows.any()):
@@ -786,7 +786,7 @@ class FallbackModel(nn.Module):
         """The student's ``(idx, logits, accept, confidence, prediction)`` on samples ``idx``, ``None`` if it failed."""
         clock = self.clock
         n = int(idx.numel())
-        router = self._modules["router"]
+        router = self.router
         if router is not None:  # the student already ran: the router judges it alone
             if state.student_logits is None:
                 return None  # it failed (recorded): the default serves

@@ -16,7 +16,7 @@ def _synthetic(n: int = 2000, c: int = 10, seed: int = 0):
     return z, y
 
 
-@pytest.mark.parametrize("method", ["empirical", "ltt_hb", "crc"])
+@pytest.mark.parametrize("method", ["empirical", "ltt_binom", "ltt_hb", "crc"])
 @pytest.mark.parametrize("score", ["max_softmax", "margin", "neg_entropy"])
 def test_calibrate_and_round_trip(method, score):
     z, y = _synthetic()
@@ -76,6 +76,16 @@ def test_unreachable_alpha_gives_inf_threshold_with_reason():
     assert not gate.accept(z).any()
 
 
+def test_default_is_ltt_binom_and_a_stored_ltt_hb_gate_still_loads():
+    z, y = _synthetic(2000)
+    gate = ConfidenceGate.calibrate(z, y, alpha=0.05, delta=0.1)
+    hb = ConfidenceGate.calibrate(z, y, alpha=0.05, delta=0.1, method="ltt_hb")
+    assert gate.guarantee["method"] == "ltt_binom" and "exact binomial" in gate.guarantee["reason"]
+    assert float(gate.threshold) <= float(hb.threshold)  # the exact tail is never more conservative
+    back = ConfidenceGate.from_config(json.loads(json.dumps(hb.to_config(), allow_nan=False)))
+    assert back.guarantee["method"] == "ltt_hb" and torch.equal(back.accept(z), hb.accept(z))
+
+
 def test_state_dict_holds_temperature_and_threshold():
     z, y = _synthetic(500)
     gate = ConfidenceGate.calibrate(z, y, method="empirical")
@@ -88,7 +98,7 @@ def test_state_dict_holds_temperature_and_threshold():
 
 def test_bad_arguments_name_the_value():
     z, y = _synthetic(100)
-    with pytest.raises(ValueError, match="unknown method 'foo'"):
+    with pytest.raises(ValueError, match=r"unknown method 'foo'.*'ltt_binom', 'ltt_hb', 'crc', 'empirical'"):
         ConfidenceGate.calibrate(z, y, method="foo")
     with pytest.raises(ValueError, match="unknown score 'bar'"):
         ConfidenceGate.calibrate(z, y, score="bar")

@@ -121,14 +121,15 @@ def test_crc_matches_formula():
 # ------------------------------------------------------------------ statistical acceptance
 
 
-def test_ltt_hb_guarantee_over_random_splits(pool):
+@pytest.mark.parametrize("method", ["ltt_binom", "ltt_hb"])
+def test_ltt_guarantee_over_random_splits(pool, method):
     z, y = pool
     alpha, delta, n_cal = 0.05, 0.1, 1000
     s, err = max_softmax(z), z.argmax(1) != y
     grid = rc.threshold_grid("max_softmax", 10)
     n_pop, k_pop = rc.acceptance_counts(s, err, grid)
     idx = torch.randint(0, y.numel(), (S, n_cal), generator=torch.Generator().manual_seed(1))
-    thr = rc.ltt_hb_threshold(s[idx], err[idx], alpha, delta, grid)
+    thr = rc.ltt_threshold(s[idx], err[idx], alpha, delta, grid, method)
     risk, cov, _ = _population_at(thr, grid, n_pop, k_pop, y.numel())
     violations = (risk > alpha).double().mean().item()
     assert violations <= delta + _slack(delta), violations
@@ -139,6 +140,30 @@ def test_ltt_hb_guarantee_over_random_splits(pool):
     thr_e = rc.empirical_threshold(s[idx], err[idx], alpha, grid)
     risk_e, _, _ = _population_at(thr_e, grid, n_pop, k_pop, y.numel())
     assert (risk_e > alpha).double().mean() > 0.3
+
+
+def test_ltt_binom_is_less_conservative_than_hb(pool):
+    """Same splits, same grid, same start: the exact tail rejects at least as far down the
+    sequence (its p-values are never larger), so its threshold is never higher, and on this data
+    it certifies a strictly lower threshold in most splits, with more coverage, still valid."""
+    z, y = pool
+    alpha, delta, n_cal = 0.05, 0.1, 1000
+    s, err = max_softmax(z), z.argmax(1) != y
+    grid = rc.threshold_grid("max_softmax", 10)
+    n_pop, k_pop = rc.acceptance_counts(s, err, grid)
+    idx = torch.randint(0, y.numel(), (S, n_cal), generator=torch.Generator().manual_seed(7))
+    thr_b, info_b = rc.ltt_threshold(s[idx], err[idx], alpha, delta, grid, "ltt_binom", return_info=True)
+    thr_h, info_h = rc.ltt_threshold(s[idx], err[idx], alpha, delta, grid, "ltt_hb", return_info=True)
+    assert torch.equal(info_b["start"], info_h["start"]) and info_b["n_min"] == info_h["n_min"] == 45
+    assert (thr_b <= thr_h).all()
+    assert (thr_b < thr_h).double().mean() >= 0.8
+    risk_b, cov_b, _ = _population_at(thr_b, grid, n_pop, k_pop, y.numel())
+    risk_h, cov_h, _ = _population_at(thr_h, grid, n_pop, k_pop, y.numel())
+    gain = (cov_b - cov_h).mean().item()
+    assert gain >= 0.02, gain  # measured: +0.036 population coverage (0.251 vs 0.215); violations 0.059 vs 0.016
+    assert (risk_b > alpha).double().mean() <= delta + _slack(delta)
+    # the binomial threshold sits closer to the risk target without crossing it
+    assert risk_b.mean() > risk_h.mean()
 
 
 def test_crc_mean_risk_over_random_splits(pool):
@@ -172,7 +197,8 @@ def _fit_temperature_batch(z: torch.Tensor, y: torch.Tensor, steps: int = 8) -> 
     return torch.exp(u)
 
 
-def test_ltt_hb_guarantee_with_temperature_fitted_per_split(pool):
+@pytest.mark.parametrize("method", ["ltt_binom", "ltt_hb"])
+def test_ltt_guarantee_with_temperature_fitted_per_split(pool, method):
     """The practical path: the temperature is fitted on the same calibration split."""
     z, y = pool
     z, y = z[:10_000], y[:10_000]  # a 10k population keeps the per-split population risk cheap
@@ -187,7 +213,7 @@ def test_ltt_hb_guarantee_with_temperature_fitted_per_split(pool):
     grid = rc.threshold_grid("max_softmax", 10)
     err = z.argmax(1) != y
     s_cal = max_softmax((z[idx] / t[:, None, None].float()).reshape(-1, 10)).reshape(s_splits, n_cal)
-    thr = rc.ltt_hb_threshold(s_cal, err[idx], alpha, delta, grid).float()
+    thr = rc.ltt_threshold(s_cal, err[idx], alpha, delta, grid, method).float()
     violations = 0
     d = z - z.max(dim=1, keepdim=True).values  # [M, C], <= 0
     for a in range(0, s_splits, 50):  # population risk, each split at its own temperature

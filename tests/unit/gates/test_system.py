@@ -63,6 +63,7 @@ def test_calibrate_system_matches_runtime_rule():
     for i, g in enumerate(gates):
         assert g.guarantee["coverage_cal"] == pytest.approx((first == i).double().mean().item())
         assert g.guarantee["scope"] == "system" and g.guarantee["satisfied"]
+        assert g.guarantee["method"] == "ltt_binom" and "exact binomial" in g.guarantee["reason"]
         assert isinstance(ConfidenceGate.from_config(g.to_config()).guarantee, dict)
     served = first < 5
     preds = torch.stack([z.argmax(1) for z in all_logits]).gather(0, first.clamp(max=4)[None])[0]
@@ -107,6 +108,8 @@ def cascade_pool():
 
 @pytest.mark.parametrize("robust", [True, False])
 def test_system_ltt_guarantee_over_random_splits(cascade_pool, robust):
+    """Both p-values on the same 1000 splits: each valid; the exact binomial tail never certifies
+    a higher lambda than Hoeffding-Bentkus and serves more of the population."""
     conf, errors = cascade_pool
     alpha, delta, n_cal = 0.05, 0.1, 1000
     grid = rc.threshold_grid("max_softmax", 10)
@@ -114,19 +117,30 @@ def test_system_ltt_guarantee_over_random_splits(cascade_pool, robust):
     cascades = [list(range(j)) + [m - 1] for j in range(m)] if robust else [list(range(m))]
     pop = [cascade_counts(conf[c], errors[c], grid) for c in cascades]  # exact population counts
     idx = torch.randint(0, conf.shape[1], (S, n_cal), generator=torch.Generator().manual_seed(5))
-    lam = system_thresholds(conf[:, idx].transpose(0, 1), errors[:, idx].transpose(0, 1), alpha, delta,
-                            "ltt_hb", grid, deadline_robust=robust)
-    fin = torch.isfinite(lam)
-    gi = torch.searchsorted(-grid.double(), -lam).clamp(max=grid.numel() - 1)
-    worst = torch.zeros(S, dtype=torch.float64)
-    for n_pop, k_pop in pop:
-        worst = torch.maximum(worst, k_pop[gi].double() / n_pop[gi].clamp(min=1))
-    worst = torch.where(fin, worst, torch.zeros_like(worst))
-    violations = (worst > alpha).double().mean().item()
-    assert violations <= delta + 3 * math.sqrt(delta * (1 - delta) / S), violations
-    assert fin.double().mean() >= 0.9
-    n_full, _ = pop[-1]
-    assert (torch.where(fin, n_full[gi].double(), torch.zeros(S, dtype=torch.float64)) / conf.shape[1]).mean() > 0.2
+    served = {}
+    lams = {}
+    for method in ("ltt_binom", "ltt_hb"):
+        lam = system_thresholds(conf[:, idx].transpose(0, 1), errors[:, idx].transpose(0, 1), alpha, delta,
+                                method, grid, deadline_robust=robust)
+        fin = torch.isfinite(lam)
+        gi = torch.searchsorted(-grid.double(), -lam).clamp(max=grid.numel() - 1)
+        worst = torch.zeros(S, dtype=torch.float64)
+        for n_pop, k_pop in pop:
+            worst = torch.maximum(worst, k_pop[gi].double() / n_pop[gi].clamp(min=1))
+        worst = torch.where(fin, worst, torch.zeros_like(worst))
+        violations = (worst > alpha).double().mean().item()
+        assert violations <= delta + 3 * math.sqrt(delta * (1 - delta) / S), (method, violations)
+        assert fin.double().mean() >= 0.9
+        n_full, _ = pop[-1]
+        served[method] = torch.where(fin, n_full[gi].double(), torch.zeros(S, dtype=torch.float64)) / conf.shape[1]
+        assert served[method].mean() > 0.2
+        lams[method] = lam
+    assert (lams["ltt_binom"] <= lams["ltt_hb"]).all()
+    assert (lams["ltt_binom"] < lams["ltt_hb"]).double().mean() >= 0.5
+    gain = (served["ltt_binom"] - served["ltt_hb"]).mean().item()
+    # measured (seed 5): robust coverage 0.653 vs 0.636, violations 0.059 vs 0.014;
+    # full cascade only 0.673 vs 0.663, violations 0.083 vs 0.026
+    assert gain >= 0.005, gain
 
 
 def test_system_crc_mean_risk_over_random_splits(cascade_pool):
