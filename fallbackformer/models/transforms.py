@@ -110,8 +110,16 @@ def fit_input_transforms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 def _raw_input_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    # Only input transforms (which read the raw input) and whole models are fitted from x.
-    if name and not (name == "input_transform" or name.startswith("input_transform.")):
-        raise ValueError(f"submodule {name!r} has fit_from_data but does not read the raw input; only the model "
-                         "itself or its input_transform may fit constants from data")
+    """``x`` if submodule ``name`` reads the raw input, else a ValueError.
+
+    A submodule reads the raw input when it is the model itself, its ``input_transform``, or the first
+    element of an ``nn.Sequential`` on such a path (``nn.Sequential(Standardize(30), ...)``).
+    """
+    module = model
+    for part in name.split(".") if name else []:
+        if not (part == "input_transform" or (part == "0" and isinstance(module, nn.Sequential))):
+            raise ValueError(f"submodule {name!r} has fit_from_data but does not read the raw input; only the "
+                             "model, its input_transform, or the first module of an nn.Sequential may fit "
+                             "constants from data")
+        module = getattr(module, part) if part != "0" else module[0]
     return x
