@@ -1,6 +1,6 @@
 """fallbackformer: models that answer on time.
 
-The public API (see DESIGN.md). Importing the package loads torch and the light inference modules
+The public API (see docs/architecture.md). Importing the package loads torch and the light inference modules
 only; lightning, hydra, onnx and matplotlib are imported by the functions that need them.
 
 >>> import fallbackformer as ff
