@@ -1,6 +1,6 @@
 """fallbackformer: models that answer on time.
 
-The public API (see DESIGN.md). Importing the package loads torch and the light inference modules
+The public API (see docs/architecture.md). Importing the package loads torch and the light inference modules
 only; lightning, hydra, onnx and matplotlib are imported by the functions that need them.
 
 >>> import fallbackformer as ff
@@ -36,6 +36,20 @@ def load(path, backend: str = "torch", **kwargs) -> FallbackModel:
     return _load(path, backend=backend, **kwargs)
 
 
+def distill(primary: MultiExitNet, student, train_loader, val_loader=None, **kwargs):
+    """Distill ``student`` from ``primary`` with Lightning inside (see :func:`fallbackformer.training.api.distill`)."""
+    from fallbackformer.training.api import distill as _distill
+
+    return _distill(primary, student, train_loader, val_loader, **kwargs)
+
+
+def calibrate(primary: MultiExitNet, student, calib_loader, alpha=0.05, delta: float = 0.1, **kwargs):
+    """Calibrate every gate, each with its guarantee (see :func:`fallbackformer.training.api.calibrate`)."""
+    from fallbackformer.training.api import calibrate as _calibrate
+
+    return _calibrate(primary, student, calib_loader, alpha=alpha, delta=delta, **kwargs)
+
+
 def export_onnx(model: FallbackModel, path, **kwargs):
     """Export the combined model to ONNX (see :func:`fallbackformer.export.onnx_export.export_onnx`)."""
     from fallbackformer.export.onnx_export import export_onnx as _export_onnx
@@ -60,7 +74,9 @@ __all__ = [
     "InvalidInputError",
     "MultiExitNet",
     "Policy",
+    "calibrate",
     "create_model",
+    "distill",
     "export_onnx",
     "export_triton",
     "list_models",

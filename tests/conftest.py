@@ -12,7 +12,8 @@ from torch import nn
 import fallbackformer as ff
 from fallbackformer.data.digits import load_digits_splits
 from fallbackformer.training.distill_module import hinton_loss
-from fallbackformer.training.pipeline import DIGITS_INPUT, path_logits
+from fallbackformer.data.digits import INPUT_SPEC as DIGITS_INPUT
+from fallbackformer.training.pipeline import path_logits
 
 # One torch thread for the whole test session: on 2 shared cores, two intra-op threads fighting
 # each other made small ops orders of magnitude slower, and timings noisy.

@@ -9,9 +9,10 @@ image by a Beta-drawn weight:
     mixed    = sum_k w_k * chain_k                   w ~ Dirichlet(alpha, ..., alpha)
     augmix   = (1 - m) * x + m * mixed               m ~ Beta(alpha, alpha)
 
-Here the operations are the corruptions of :data:`fallbackformer.data.shift.TUNING_CORRUPTIONS`;
-the held-out corruptions (:data:`~fallbackformer.data.shift.HELD_OUT`) are refused, so that they
-stay a measure of shift nobody trained, calibrated or chose anything on.
+Here the operations are the tunable corruptions of the dataset's shift suite (any
+:class:`~fallbackformer.data.protocol.ShiftSuiteLike`, applied through its ``corrupt``); the
+suite's held-out corruptions are refused, so that they stay a measure of shift nobody trained,
+calibrated or chose anything on. Without a suite, the digits suite is used.
 
 Every image draws its own operations, depth and weights. Images that drew the same operation at the
 same step are corrupted together, in one vectorised call at one severity drawn for that group.
@@ -33,31 +34,35 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from fallbackformer.data.shift import CORRUPTIONS, HELD_OUT, MAX_VALUE, TUNING_CORRUPTIONS
+from fallbackformer.data.protocol import ShiftSuiteLike
 
 __all__ = ["AugMixConfig", "AugMix", "NoAugmentation", "check_operations", "optional_augmentation"]
 
 
-def check_operations(operations: Sequence[str]) -> tuple[str, ...]:
+def check_operations(operations: Sequence[str], suite: ShiftSuiteLike) -> tuple[str, ...]:
     """The operations as a tuple, after refusing held-out, unknown or no names.
+
+    Args:
+        operations: corruption names.
+        suite: the shift suite they must come from (its tunable ``names``).
 
     Raises:
         ValueError: a held-out corruption (never to be used for fitting), an unknown name, or an
             empty list. The message names the bad value and the names that are allowed.
     """
     ops = tuple(str(o) for o in operations)
-    held = sorted(set(ops) & HELD_OUT)
+    tunable = list(suite.names)
+    held = sorted(set(ops) & set(suite.held_out))
     if held:
         raise ValueError(
             f"augmentation operations {held} are HELD-OUT corruptions and must never be used for "
-            f"fitting, calibration or choosing a setting; use names from TUNING_CORRUPTIONS: "
-            f"{list(TUNING_CORRUPTIONS)}"
+            f"fitting, calibration or choosing a setting; use the suite's tunable names: {tunable}"
         )
-    unknown = sorted(set(ops) - set(TUNING_CORRUPTIONS))
+    unknown = sorted(set(ops) - set(tunable))
     if unknown:
-        raise ValueError(f"unknown augmentation operations {unknown}; valid names: {list(TUNING_CORRUPTIONS)}")
+        raise ValueError(f"unknown augmentation operations {unknown}; valid names: {tunable}")
     if not ops:
-        raise ValueError("augmentation operations is empty; give at least one name from TUNING_CORRUPTIONS")
+        raise ValueError(f"augmentation operations is empty; give at least one of {tunable}")
     return ops
 
 
@@ -72,7 +77,8 @@ class AugMixConfig:
         severity_min: mildest severity drawn (1..5).
         severity_max: harshest severity drawn (severity_min..5).
         alpha: the Dirichlet (chain weights) and Beta (blend with the original) concentration.
-        operations: corruption names to draw from; tunable ones only (held-out names are refused).
+        operations: corruption names to draw from; tunable ones only (held-out names are refused
+            when the :class:`AugMix` is built); ``None``: every tunable name of the suite.
         lambda_jsd: weight of the Jensen-Shannon consistency term in the training loss (read by the
             training modules: ``loss = clean loss + lambda_jsd * JSD(clean, augmix1, augmix2)``).
         seed: seed of the augmentation's own generator.
@@ -84,12 +90,13 @@ class AugMixConfig:
     severity_min: int = 1
     severity_max: int = 5
     alpha: float = 1.0
-    operations: Sequence[str] = field(default_factory=lambda: TUNING_CORRUPTIONS)
+    operations: Sequence[str] | None = None
     lambda_jsd: float = 12.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "operations", check_operations(self.operations))
+        if self.operations is not None:
+            object.__setattr__(self, "operations", tuple(str(o) for o in self.operations))
         if self.width < 1:
             raise ValueError(f"width must be >= 1 (chains per image), got {self.width}")
         if not 1 <= self.depth_min <= self.depth_max:
@@ -116,17 +123,27 @@ def _gamma(concentration: float, shape: tuple[int, ...], gen: torch.Generator) -
 
 
 class AugMix:
-    """AugMix over raw digits images ``[N, 1, 8, 8]`` (any ``[N, C, H, W]``) in ``0..16``.
+    """AugMix over a batch of raw inputs ``[N, ...]`` with the corruptions of a shift suite.
 
     Args:
         config: the settings (default: :class:`AugMixConfig()`).
+        suite: the shift suite whose tunable corruptions are the operations (``None``: the digits
+            suite, :class:`fallbackformer.data.shift.ShiftSuite`).
 
     Calling the object draws from its own generator (seeded with ``config.seed``) unless a
     generator is passed; :meth:`reset` re-seeds it.
     """
 
-    def __init__(self, config: AugMixConfig | None = None) -> None:
+    def __init__(self, config: AugMixConfig | None = None, suite: ShiftSuiteLike | None = None) -> None:
         self.config = config if config is not None else AugMixConfig()
+        if suite is None:
+            from fallbackformer.data.shift import ShiftSuite
+
+            suite = ShiftSuite()
+        self.suite = suite
+        self.operations = check_operations(
+            self.config.operations if self.config.operations is not None else suite.names, suite)
+        self.value_range: tuple[float, float] | None = getattr(suite, "value_range", None)
         self.generator = torch.Generator(device="cpu")
         self.reset()
 
@@ -143,7 +160,7 @@ class AugMix:
         return f"AugMix({self.config})"
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """One AugMix view of every image (see :meth:`views`); ``[N, C, H, W]`` in, same shape out."""
+        """One AugMix view of every input (see :meth:`views`); ``[N, ...]`` in, same shape out."""
         return self.views(images, 1, generator)[0]
 
     @torch.no_grad()
@@ -151,19 +168,21 @@ class AugMix:
         """``count`` independent AugMix views of every image, drawn in one vectorised pass.
 
         Args:
-            images: ``[N, C, H, W]`` floating point, values ``0..16``.
+            images: ``[N, ...]`` floating point raw inputs (digits: ``[N, 1, 8, 8]`` in ``0..16``).
             count: number of views (the JSD consistency loss uses 2).
             generator: a CPU generator to draw from (default: the object's own).
 
         Returns:
-            ``count`` tensors ``[N, C, H, W]``, same dtype and device, clamped to ``0..16``.
+            ``count`` tensors shaped like ``images``, same dtype and device, within the suite's
+            ``value_range`` when it has one.
 
         Raises:
-            ValueError: not a 4-D floating-point tensor, or ``count < 1``.
+            ValueError: not a floating-point batch of at least 2 dimensions, or ``count < 1``.
         """
-        if not isinstance(images, Tensor) or images.dim() != 4:
+        if not isinstance(images, Tensor) or images.dim() < 2:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"images must be a 4-D tensor [N, C, H, W], got {shape}; add a channel dim with x[:, None]")
+            raise ValueError(f"images must be a batch [N, ...] of at least 2 dimensions, got {shape}; "
+                             "add the batch dimension with x[None]")
         if not images.is_floating_point():
             raise ValueError(f"images must be floating point, got {images.dtype}; convert with images.float()")
         if count < 1:
@@ -171,18 +190,18 @@ class AugMix:
         if images.shape[0] == 0:
             return [images.clone() for _ in range(count)]
         gen = self.generator if generator is None else generator
-        x = images.detach().repeat(count, 1, 1, 1)  # [V*N, C, H, W], view-major
+        x = images.detach().repeat(count, *[1] * (images.dim() - 1))  # [V*N, ...], view-major
         return list(self._augmix(x, gen).chunk(count))
 
     def _augmix(self, x: Tensor, gen: torch.Generator) -> Tensor:
-        """AugMix of every row of ``x`` [M, C, H, W] (rows are independent)."""
+        """AugMix of every row of ``x`` [M, ...] (rows are independent)."""
         cfg = self.config
         n, k = x.shape[0], cfg.width
-        chains = x.repeat(k, 1, 1, 1)  # [K*M, C, H, W], chain-major
+        chains = x.repeat(k, *[1] * (x.dim() - 1))  # [K*M, ...], chain-major
         m = k * n
         depth = torch.randint(cfg.depth_min, cfg.depth_max + 1, (m,), generator=gen)  # [K*M]
         for step in range(cfg.depth_max):
-            op = torch.randint(0, len(cfg.operations), (m,), generator=gen)  # [K*M]
+            op = torch.randint(0, len(self.operations), (m,), generator=gen)  # [K*M]
             op = torch.where(depth > step, op, -1)  # -1: this chain has ended
             # One call per operation: a corruption's severity is a scalar, so each (step, operation)
             # group draws one severity (grouping by (operation, severity) costs 5x the calls).
@@ -190,15 +209,19 @@ class AugMix:
                 if o < 0:
                     continue
                 severity = int(torch.randint(cfg.severity_min, cfg.severity_max + 1, (1,), generator=gen))
+                seed = int(torch.randint(0, 2**62, (1,), generator=gen))  # the corruption's own randomness
                 rows = (op == o).nonzero().squeeze(1).to(chains.device)  # [G]
-                out = CORRUPTIONS[cfg.operations[o]](chains.index_select(0, rows), severity, gen)
-                chains.index_copy_(0, rows, out.to(chains.dtype).clamp_(0.0, MAX_VALUE))
+                out = self.suite.corrupt(chains.index_select(0, rows), self.operations[o], severity, seed)
+                chains.index_copy_(0, rows, out.to(chains.dtype))
         g = _gamma(cfg.alpha, (n, k), gen)
         w = (g / g.sum(dim=1, keepdim=True)).to(x.device, x.dtype)  # [M, K] Dirichlet(alpha)
         a, b = _gamma(cfg.alpha, (n,), gen), _gamma(cfg.alpha, (n,), gen)
-        blend = (a / (a + b)).to(x.device, x.dtype).view(n, 1, 1, 1)  # [M, 1, 1, 1] Beta(alpha, alpha)
-        mixed = torch.einsum("mk,kmchw->mchw", w, chains.view(k, n, *x.shape[1:]))  # [M, C, H, W]
-        return ((1 - blend) * x + blend * mixed).clamp_(0.0, MAX_VALUE).contiguous()
+        blend = (a / (a + b)).to(x.device, x.dtype).view(n, *[1] * (x.dim() - 1))  # [M, 1, ...] Beta(alpha, alpha)
+        mixed = torch.einsum("mk,kmd->md", w, chains.reshape(k, n, -1)).view(x.shape)  # [M, ...]
+        out = (1 - blend) * x + blend * mixed
+        if self.value_range is not None:  # a convex blend stays in range up to rounding
+            out = out.clamp_(*self.value_range)
+        return out.contiguous()
 
 
 @dataclass(frozen=True)

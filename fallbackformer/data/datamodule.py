@@ -1,4 +1,4 @@
-"""LightningDataModule over the digits splits."""
+"""LightningDataModule over the digits splits (a :class:`~fallbackformer.data.protocol.DataSource`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fallbackformer.data.digits import SplitFractions, load_digits_splits
+from fallbackformer.data.digits import CLASS_NAMES, INPUT_SPEC, SplitFractions, load_digits_splits
+from fallbackformer.runtime.validation import InputSpec
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -31,6 +32,21 @@ class DigitsDataModule(L.LightningDataModule):
         self.seed, self.batch_size, self.augment_shift = seed, batch_size, augment_shift
         self.fractions = fractions or SplitFractions()
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The raw input: ``[1, 8, 8]`` float32 in 0..16."""
+        return INPUT_SPEC
+
+    @property
+    def class_names(self) -> list[str]:
+        """``["0", ..., "9"]``."""
+        return list(CLASS_NAMES)
+
+    @property
+    def num_classes(self) -> int:
+        """10."""
+        return len(CLASS_NAMES)
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:

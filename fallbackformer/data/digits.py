@@ -7,30 +7,23 @@ touched only by evaluation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-SPLIT_NAMES = ("train", "val", "calibration", "test")
+from fallbackformer.data.splits import SPLIT_NAMES, SplitFractions, stratified_split_indices
+from fallbackformer.runtime.validation import InputSpec
+
+__all__ = ["CLASS_NAMES", "INPUT_SPEC", "SPLIT_NAMES", "SplitFractions", "load_digits_splits"]
+
 CLASS_NAMES = [str(i) for i in range(10)]
 
-
-@dataclass(frozen=True)
-class SplitFractions:
-    """Fractions of the data per split; they must sum to 1."""
-
-    train: float = 0.55
-    val: float = 0.10
-    calibration: float = 0.15
-    test: float = 0.20
-
-    def __post_init__(self) -> None:
-        values = [self.train, self.val, self.calibration, self.test]
-        if any(v <= 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
-            raise ValueError(
-                f"split fractions must be positive and sum to 1; got {values} (sum {sum(values):.4f})"
-            )
+INPUT_SPEC = InputSpec(
+    shape=(1, 8, 8),
+    dtype="float32",
+    value_range=(0.0, 16.0),
+    description="raw 8x8 digits image, values 0..16 (scikit-learn load_digits().images)",
+)
+"""The raw input of every digits model: what the datamodule serves and the bundle records."""
 
 
 def load_digits_splits(
@@ -52,16 +45,7 @@ def load_digits_splits(
     data = load_digits()
     images = data.images.astype(np.float32)  # [N, 8, 8]
     labels = data.target.astype(np.int64)
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLIT_NAMES}
-    cuts = np.cumsum([fractions.train, fractions.val, fractions.calibration])
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        bounds = np.round(cuts * len(idx)).astype(int)
-        for name, chunk in zip(SPLIT_NAMES, np.split(idx, bounds)):
-            parts[name].append(chunk)
     out = {}
-    for name in SPLIT_NAMES:
-        idx = np.sort(np.concatenate(parts[name]))
+    for name, idx in stratified_split_indices(labels, seed, fractions).items():
         out[name] = (torch.from_numpy(images[idx]).unsqueeze(1), torch.from_numpy(labels[idx]))
     return out

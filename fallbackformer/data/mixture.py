@@ -13,26 +13,27 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fallbackformer.data.shift import HELD_OUT, corrupt
+from fallbackformer.data.protocol import ShiftSuiteLike
 
 __all__ = ["draw_mixture", "corrupted_copies"]
 
 
 def draw_mixture(images: Tensor, names: Sequence[str], severities: Sequence[int], clean_weight: float,
-                 seed: int) -> tuple[Tensor, list[str]]:
+                 seed: int, *, suite: ShiftSuiteLike) -> tuple[Tensor, list[str]]:
     """One i.i.d. draw per image from the mixture.
 
     Args:
-        images: clean raw images ``[N, ...]``.
+        images: clean raw inputs ``[N, ...]``.
         names: tunable corruptions.
         severities: severities to draw from.
         clean_weight: probability that an image stays clean.
         seed: the draw's seed (the choice of corruption and the corruption's own randomness).
+        suite: the shift suite whose ``corrupt`` applies each corruption (``held_out`` is refused).
 
     Returns:
         ``(images [N, ...], what each became: "clean" or "<name>/<severity>")``.
     """
-    _check(names, clean_weight)
+    _check(names, clean_weight, suite)
     gen = torch.Generator().manual_seed(int(seed))
     n = images.shape[0]
     clean = torch.rand(n, generator=gen, dtype=torch.float64) < clean_weight
@@ -45,29 +46,29 @@ def draw_mixture(images: Tensor, names: Sequence[str], severities: Sequence[int]
             rows = torch.nonzero(~clean & (which == ci) & (sev == s)).flatten()
             if rows.numel() == 0:
                 continue
-            out[rows] = corrupt(images[rows], name, s, seed=int(seed) * 7919 + ci * 31 + s)
+            out[rows] = suite.corrupt(images[rows], name, s, seed=int(seed) * 7919 + ci * 31 + s)
             for r in rows.tolist():
                 kinds[r] = f"{name}/{s}"
     return out, kinds
 
 
 def corrupted_copies(images: Tensor, labels: Tensor, names: Sequence[str], severities: Sequence[int],
-                     seed: int) -> tuple[Tensor, Tensor]:
-    """The clean images followed by one corrupted copy per (name, severity): training data for a router."""
-    _check(names, 0.0)
+                     seed: int, *, suite: ShiftSuiteLike) -> tuple[Tensor, Tensor]:
+    """The clean inputs followed by one corrupted copy per (name, severity): training data for a router."""
+    _check(names, 0.0, suite)
     xs, ys = [images], [labels]
     for ci, name in enumerate(names):
         for s in severities:
-            xs.append(corrupt(images, name, int(s), seed=int(seed) * 7919 + ci * 31 + int(s)))
+            xs.append(suite.corrupt(images, name, int(s), seed=int(seed) * 7919 + ci * 31 + int(s)))
             ys.append(labels)
     return torch.cat(xs), torch.cat(ys)
 
 
-def _check(names: Sequence[str], clean_weight: float) -> None:
-    held = sorted(set(names) & set(HELD_OUT))
+def _check(names: Sequence[str], clean_weight: float, suite: ShiftSuiteLike) -> None:
+    held = sorted(set(names) & set(suite.held_out))
     if held:
         raise ValueError(f"{held} are held-out corruptions: never draw them for fitting or calibration; "
-                         "use the tunable ones (fallbackformer.data.shift.TUNING_CORRUPTIONS)")
+                         f"use the suite's tunable ones: {list(suite.names)}")
     if not names:
         raise ValueError("names is empty: give at least one tunable corruption")
     if not 0.0 <= clean_weight <= 1.0:

@@ -563,7 +563,10 @@ def make_shift_sets(
 
 @dataclass
 class ShiftSuite:
-    """The shift suite as configured (``configs/shift/*.yaml`` instantiate this).
+    """The digits shift suite as configured (``configs/shift/default.yaml`` and ``smoke.yaml``).
+
+    A :class:`~fallbackformer.data.protocol.ShiftSuiteLike`: the pipeline, the router's mixture and
+    AugMix reach the corruptions through :meth:`corrupt`.
 
     Attributes:
         names: corruptions that may be used for tuning and are evaluated.
@@ -593,6 +596,11 @@ class ShiftSuite:
             raise ValueError(f"corruptions {sorted(both)} are both tunable and held out; list each in one place")
 
     @property
+    def value_range(self) -> tuple[float, float]:
+        """The raw pixel range every corruption keeps: ``(0, 16)``."""
+        return (0.0, MAX_VALUE)
+
+    @property
     def all_names(self) -> list[str]:
         """Tunable names then held-out names."""
         return [*self.names, *self.held_out]
@@ -602,6 +610,12 @@ class ShiftSuite:
         parsed = parse_set_key(key)
         name = parsed[0] if parsed else key
         return name in self.held_out
+
+    def corrupt(self, x: Tensor, name: str, severity: int, seed: int = 0) -> Tensor:
+        """One corruption of this suite (tunable or held out), see :func:`corrupt`."""
+        if name not in self.all_names:
+            raise KeyError(f"corruption {name!r} is not in this suite; its names are {self.all_names}")
+        return corrupt(x, name, severity, seed)
 
     def build(
         self, images: Tensor, labels: Tensor, include_held_out: bool = True

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fallbackformer.data.shift import parse_set_key
+from fallbackformer.data.protocol import parse_set_key
 from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.fallback_model import FallbackModel
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fallbackformer.data.shift import ShiftSuite
+from fallbackformer.data.protocol import ShiftSuiteLike
 from fallbackformer.evaluation.report import write_report
 from fallbackformer.evaluation.shift_eval import CLEAN, Evaluation, evaluate
 from fallbackformer.runtime.fallback_model import FallbackModel
@@ -55,7 +55,7 @@ def evaluate_and_report(
     model: FallbackModel,
     x_test: Tensor,
     y_test: Tensor,
-    suite: ShiftSuite | None,
+    suite: ShiftSuiteLike | None,
     out_dir: str | os.PathLike[str],
     *,
     title: str = "fallbackformer evaluation report",

@@ -59,6 +59,14 @@ def _colour(name: str, i: int = 0) -> str:
     return _EXIT_CYCLE[i % len(_EXIT_CYCLE)]
 
 
+def _path_order(name: str) -> tuple[int, int, str]:
+    """Sort key of path names: ``exit_1 .. exit_N`` by number (any N), then primary, student, default."""
+    if name.startswith("exit_") and name[5:].isdigit():
+        return (0, int(name[5:]), name)
+    rest = ["primary", "student", "default"]
+    return (1, rest.index(name) if name in rest else len(rest), name)
+
+
 def _new_figure(width: float = 6.0, height: float = 4.0) -> Figure:
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -345,8 +353,7 @@ def exit_distribution(
         path: if given, also write a PNG there.
     """
     sets = list(counts)
-    order = ["exit_1", "exit_2", "exit_3", "exit_4", "exit_5", "primary", "student", "default"]
-    paths = sorted({p for c in counts.values() for p in c}, key=lambda p: (order.index(p) if p in order else 99, p))
+    paths = sorted({p for c in counts.values() for p in c}, key=_path_order)
     fig = _new_figure(max(6.0, 0.35 * len(sets) + 2.5), 4.2)
     ax = fig.subplots()
     bottom = [0.0] * len(sets)

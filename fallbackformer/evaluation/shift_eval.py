@@ -100,7 +100,7 @@ def evaluate(
         model: the system (put in eval mode here).
         sets: ``{"clean": (x, y), "<corruption>/<severity>": (x, y), ...}``; raw inputs ``[N, ...]``.
         held_out: corruption names never used for tuning (summarised separately); default
-            :data:`fallbackformer.data.shift.HELD_OUT`.
+            none (pass the suite's ``held_out``: ``evaluate_and_report`` does).
         batch_size: request size of the system's calls (the budget is per call, so this is the
             serving batch; the paths alone run in batches of at least 512).
         latency_samples: single-sample calls per set for latency p50/p99 (0 to skip).
@@ -127,14 +127,12 @@ def evaluate(
     >>> ev = evaluate(model, {"clean": (x, y)})          # doctest: +SKIP
     >>> ev["clean"]["accuracy"]["system"], ev.summary     # doctest: +SKIP
     """
-    from fallbackformer.data.shift import HELD_OUT
-
     if not sets:
         raise ValueError("no sets to evaluate; pass {'clean': (x_test, y_test), ...}")
     for k, v in sets.items():
         if not (isinstance(v, (tuple, list)) and len(v) == 2 and len(v[0]) == len(v[1])):
             raise ValueError(f"set {k!r} must be a pair (inputs [N, ...], labels [N]) of equal length")
-    held = sorted(HELD_OUT if held_out is None else set(held_out))
+    held = sorted(set(held_out or ()))
     saved_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
@@ -177,7 +175,7 @@ def _evaluate(
     from tqdm.auto import tqdm
 
     model.eval()
-    class_names = list(model.class_names) if model.class_names else [str(i) for i in range(1024)]
+    class_names = list(model.class_names) if model.class_names else []  # slices fall back to the class index
     gates = gate_info(model)
     certificate = serving_certificate(model, gates)
     first = next(iter(sets.values()))[0]

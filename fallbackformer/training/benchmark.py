@@ -233,10 +233,10 @@ def bench_overhead(ctx: BenchmarkContext) -> dict[str, Any]:
     # The primary path: early exits off (their gates accept nothing, so their heads are not computed),
     # the final answer always accepted. What remains is the wrapper's own work.
     gates = [_never() for _ in range(primary.num_exits - 1)] + [_accept_all(), _accept_all()]
-    from fallbackformer.training.pipeline import DIGITS_INPUT
+    from fallbackformer.data.digits import INPUT_SPEC
 
     def wrapper(**policy: Any) -> FallbackModel:
-        model = FallbackModel(primary, student, gates, Policy(budget_ms=1e4, **policy), input_spec=DIGITS_INPUT).eval()
+        model = FallbackModel(primary, student, gates, Policy(budget_ms=1e4, **policy), input_spec=INPUT_SPEC).eval()
         model.warm_up(torch.rand(64, 1, 8, 8) * 16, repeats=10, discard=2)
         return model
 
@@ -247,7 +247,7 @@ def bench_overhead(ctx: BenchmarkContext) -> dict[str, Any]:
     def bare_gated(x: Tensor) -> Any:  # what any gated answer costs: the final gate's confidence
         return final_gate(bare(x))
 
-    lo, hi = DIGITS_INPUT.value_range  # type: ignore[misc]
+    lo, hi = INPUT_SPEC.value_range  # type: ignore[misc]
     tol = 1e-3 * (hi - lo)
 
     def floor(x: Tensor) -> Any:
@@ -320,7 +320,7 @@ def bench_deadline(ctx: BenchmarkContext) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(int(_get(cfg, "seed", 0)))
     pattern = (torch.rand(calls, generator=gen) < p_stall).tolist()
     idx = torch.randint(0, len(x_test), (calls,), generator=gen).tolist()
-    from fallbackformer.training.pipeline import DIGITS_INPUT
+    from fallbackformer.data.digits import INPUT_SPEC
 
     results: dict[str, Any] = {
         "budget_ms": budget,
@@ -358,7 +358,7 @@ def bench_deadline(ctx: BenchmarkContext) -> dict[str, Any]:
             student,
             list(gates),
             Policy(budget_ms=budget, margin_ms=margin, hedge="always", hedge_workers=workers),
-            input_spec=DIGITS_INPUT,
+            input_spec=INPUT_SPEC,
         ).eval()
         model.warm_up(x_test[:8], repeats=20, discard=4, batch_sizes=[1])
         stalled.stages[0].calls = 64  # the warm-up consumed its healthy prefix; stalls start now
@@ -435,11 +435,11 @@ def _exit_cost(k: int, primary: MultiExitNet, live: list[bool], stage_f: list[in
 
 
 def _early_exit_model(primary: MultiExitNet, student: nn.Module, exit_gates: list[ConfidenceGate]) -> FallbackModel:
-    from fallbackformer.training.pipeline import DIGITS_INPUT
+    from fallbackformer.data.digits import INPUT_SPEC
 
     gates = list(exit_gates) + [_accept_all(), _accept_all()]  # the final answer always served
     policy = Policy(budget_ms=1e9, hedge="off", admission=False)
-    return FallbackModel(primary, student, gates, policy, input_spec=DIGITS_INPUT).eval()
+    return FallbackModel(primary, student, gates, policy, input_spec=INPUT_SPEC).eval()
 
 
 def _early_exit_figures(model: FallbackModel, x: Tensor, y: Tensor, stage_f: list[int], head_f: dict[int, int], full_f: int) -> dict[str, Any]:
@@ -538,10 +538,10 @@ def bench_compile(ctx: BenchmarkContext) -> dict[str, Any]:
     system = ctx.system
     primary, student, gates = system["primary"], system["student"], system["gates"]
     x = system["splits"]["test"][0][:b]
-    from fallbackformer.training.pipeline import DIGITS_INPUT
+    from fallbackformer.data.digits import INPUT_SPEC
 
     def make(mode: str) -> FallbackModel:
-        return FallbackModel(primary, student, list(gates), Policy(budget_ms=1e4, compile=mode), input_spec=DIGITS_INPUT).eval()
+        return FallbackModel(primary, student, list(gates), Policy(budget_ms=1e4, compile=mode), input_spec=INPUT_SPEC).eval()
 
     eager, auto = make("off"), make("auto")
     t0 = time.perf_counter()
@@ -587,11 +587,11 @@ def bench_onnxruntime(ctx: BenchmarkContext) -> dict[str, Any]:
 
     import fallbackformer as ff
     from fallbackformer.export.onnx_export import export_onnx, onnxruntime_vs_torch
-    from fallbackformer.training.pipeline import DIGITS_INPUT
+    from fallbackformer.data.digits import INPUT_SPEC
 
     system = ctx.system
     model = FallbackModel(system["primary"], system["student"], list(system["gates"]), Policy(),
-                          input_spec=DIGITS_INPUT).eval()
+                          input_spec=INPUT_SPEC).eval()
     x_test = system["splits"]["test"][0]
     x_b1, x_b64 = x_test[:1], _tile(x_test, 64)
     runs: list[dict[str, Any]] = []

@@ -22,17 +22,11 @@ from torch import nn
 
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
+from fallbackformer.data.protocol import DataSource, ShiftSuiteLike, check_data_source, check_shift_suite
+from fallbackformer.models.transforms import fit_input_transforms
 from fallbackformer.runtime.fallback_model import FallbackModel
-from fallbackformer.runtime.validation import InputSpec
 
 log = logging.getLogger(__name__)
-
-DIGITS_INPUT = InputSpec(
-    shape=(1, 8, 8),
-    dtype="float32",
-    value_range=(0.0, 16.0),
-    description="raw 8x8 digits image, values 0..16 (scikit-learn load_digits().images)",
-)
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -97,6 +91,7 @@ def _augmentation(cfg: DictConfig) -> Any:
 def train_primary(cfg: DictConfig, datamodule: L.LightningDataModule, workdir: Path) -> tuple[MultiExitNet, dict]:
     """Train the primary's exits jointly; the checkpoint is chosen on the validation split."""
     primary: MultiExitNet = instantiate(cfg.primary.model)
+    fit_input_transforms(primary, *datamodule.splits["train"])  # data-fitted constants (e.g. standardisation)
     module = instantiate(cfg.primary.module)(model=primary, augment=_augmentation(cfg))
     best, _ = _fit(module, datamodule, cfg.trainer, cfg.primary.monitor, None, workdir / "primary")
     return primary.eval(), {"val_acc_primary": best}
@@ -106,6 +101,7 @@ def distill_student(cfg: DictConfig, datamodule: L.LightningDataModule, primary:
                     workdir: Path) -> tuple[nn.Module, dict]:
     """Distill the student from the frozen primary's final exit (Hinton loss)."""
     student: nn.Module = instantiate(cfg.student.model)
+    fit_input_transforms(student, *datamodule.splits["train"])
     module = instantiate(cfg.student.module)(student=student, teacher=primary, augment=_augmentation(cfg))
     best, _ = _fit(module, datamodule, cfg.trainer, cfg.student.monitor, cfg.student.max_epochs,
                    workdir / "student")
@@ -144,22 +140,41 @@ def calibrate_paths(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
 
 
 def fit_router_step(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
-                    splits: dict[str, tuple[torch.Tensor, torch.Tensor]], suite: Any) -> tuple[Any, dict]:
-    """The router of ``cfg.router`` (``None`` when the config has none): fitted, certified, and its report."""
+                    splits: dict[str, tuple[torch.Tensor, torch.Tensor]], suite: ShiftSuiteLike) -> tuple[Any, dict]:
+    """The router of ``cfg.router`` (``None`` when the config has none): fitted, certified, and its report.
+
+    The mixture it is certified on is drawn with the dataset's own shift suite (``suite.corrupt``).
+    """
     if not cfg.get("router"):
         return None, {}
     from fallbackformer.training.router_step import fit_router
 
-    return fit_router(primary, student, splits, instantiate(cfg.router), list(suite.names), int(cfg.num_classes))
+    return fit_router(primary, student, splits, instantiate(cfg.router), check_shift_suite(suite), int(cfg.num_classes))
 
 
 def assemble(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
-             gates: list[ConfidenceGate], router: Any = None) -> FallbackModel:
-    """The combined model, ready to serve."""
+             gates: list[ConfidenceGate], router: Any = None, datamodule: DataSource | None = None) -> FallbackModel:
+    """The combined model, ready to serve.
+
+    Args:
+        cfg: the run config (``policy``, ``num_classes``; ``data`` when no datamodule is given).
+        primary: the trained primary.
+        student: the trained student.
+        gates: ``[exit_1.., primary, student]``.
+        router: the fitted router, or ``None``.
+        datamodule: where the input spec and the class names come from (default: ``instantiate(cfg.data)``).
+
+    Raises:
+        ValueError: ``cfg.num_classes`` differs from the datamodule's number of classes.
+    """
+    data = check_data_source(datamodule if datamodule is not None else instantiate(cfg.data))
+    if int(cfg.num_classes) != data.num_classes:
+        raise ValueError(f"num_classes={cfg.num_classes} but the datamodule {type(data).__name__} has "
+                         f"{data.num_classes} classes {data.class_names}; set num_classes={data.num_classes} "
+                         "(the experiment config should set it with its data group)")
     policy = instantiate(cfg.policy)
-    class_names = [str(i) for i in range(cfg.num_classes)]
-    return FallbackModel(primary, student, gates, policy, input_spec=DIGITS_INPUT,
-                         class_names=class_names, router=router).eval()
+    return FallbackModel(primary, student, gates, policy, input_spec=data.input_spec,
+                         class_names=list(data.class_names), router=router).eval()
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -203,7 +218,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     gates, calibration = calibrate_paths(cfg, primary, student, splits, out_dir / "calibration")
     suite = instantiate(cfg.shift)
     router, router_report = fit_router_step(cfg, primary, student, splits, suite)
-    model = assemble(cfg, primary, student, gates, router)
+    model = assemble(cfg, primary, student, gates, router, datamodule=datamodule)
     # Latency profiles (and the compile choice) before anything is timed, on validation images at
     # the request sizes the evaluation uses.
     model.warm_up(splits["val"][0][: cfg.evaluation.batch_size], batch_sizes=[1, cfg.evaluation.batch_size])
@@ -349,7 +364,7 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     student = load_model(cfg.student_dir, "student")
     gate_cfgs = json.loads(Path(cfg.calibration).read_text())["gates"]  # gates.json of calibrate.py
     gates = [ConfidenceGate.from_config(gate_cfgs[n]) for n in primary.exit_names + ["student"]]
-    model = assemble(cfg, primary, student, gates)
+    model = assemble(cfg, primary, student, gates, datamodule=datamodule)
     bundle = save(model, Path(cfg.bundle_dir), degradation=OmegaConf.to_container(cfg.degradation, resolve=True),
                   onnx=bool(cfg.onnx.export))
     metrics: dict[str, Any] = {"bundle": str(bundle)}

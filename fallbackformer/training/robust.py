@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fallbackformer.data.shift import HELD_OUT, SEVERITIES, TUNING_CORRUPTIONS, corrupt
+from fallbackformer.data.protocol import ShiftSuiteLike
 
 __all__ = ["jensen_shannon", "tuning_robustness"]
 
@@ -57,9 +57,10 @@ def tuning_robustness(
     models: dict[str, nn.Module],
     images: Tensor,
     labels: Tensor,
-    names: Sequence[str] = TUNING_CORRUPTIONS,
-    severities: Sequence[int] = SEVERITIES,
+    names: Sequence[str] | None = None,
+    severities: Sequence[int] | None = None,
     seed: int = 0,
+    suite: ShiftSuiteLike | None = None,
 ) -> dict[str, dict[str, float]]:
     """Clean and tunable-shift accuracy of each model on a selection split (the validation split).
 
@@ -67,11 +68,12 @@ def tuning_robustness(
 
     Args:
         models: name -> model (e.g. ``{"primary": primary, "student": student}``), put in eval mode.
-        images: ``[N, 1, 8, 8]`` raw images 0..16 of the VALIDATION split (never test).
+        images: raw inputs ``[N, ...]`` of the VALIDATION split (never test).
         labels: ``[N]``.
-        names: tunable corruptions to average over; held-out names raise.
-        severities: severities to average over.
+        names: tunable corruptions to average over (default: the suite's ``names``); held-out names raise.
+        severities: severities to average over (default: the suite's).
         seed: corruption seed.
+        suite: the dataset's shift suite (default: the digits suite).
 
     Returns:
         ``{model: {"clean": acc, "tunable": mean acc over names x severities, "worst": min over sets}}``.
@@ -79,13 +81,19 @@ def tuning_robustness(
     Raises:
         ValueError: a held-out corruption in ``names``.
     """
-    held = sorted(set(names) & HELD_OUT)
+    if suite is None:
+        from fallbackformer.data.shift import ShiftSuite
+
+        suite = ShiftSuite()
+    names = list(suite.names if names is None else names)
+    severities = list(suite.severities if severities is None else severities)
+    held = sorted(set(names) & set(suite.held_out))
     if held:
         raise ValueError(
             f"{held} are held-out corruptions and must never be used to choose a setting; "
-            f"use names from TUNING_CORRUPTIONS: {list(TUNING_CORRUPTIONS)}"
+            f"use the suite's tunable names: {list(suite.names)}"
         )
-    sets = [corrupt(images, n, s, seed) for n in names for s in severities]
+    sets = [suite.corrupt(images, n, s, seed) for n in names for s in severities]
     result: dict[str, dict[str, float]] = {}
     for key, model in models.items():
         was_training = model.training

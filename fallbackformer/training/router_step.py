@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fallbackformer.data.mixture import corrupted_copies, draw_mixture
+from fallbackformer.data.protocol import ShiftSuiteLike
 from fallbackformer.gates.router import Router
 from fallbackformer.gates.router_calibration import certify, collect_evidence, mixture_covers
 
@@ -54,9 +55,19 @@ class RouterConfig:
 
 @torch.no_grad()
 def fit_router(primary: nn.Module, student: nn.Module, splits: dict[str, tuple[Tensor, Tensor]],
-               config: RouterConfig, corruptions: Sequence[str], num_classes: int) -> tuple[Router, dict[str, Any]]:
-    """Fit the router's feature scores and scorers, certify its threshold. Returns ``(router, report)``."""
-    names = list(config.corruptions or corruptions)
+               config: RouterConfig, suite: ShiftSuiteLike, num_classes: int) -> tuple[Router, dict[str, Any]]:
+    """Fit the router's feature scores and scorers, certify its threshold. Returns ``(router, report)``.
+
+    Args:
+        primary: the trained primary.
+        student: the trained student.
+        splits: the datamodule's splits (train fits feature scores, val the scorers, calibration certifies).
+        config: how to fit and certify.
+        suite: the dataset's shift suite; its tunable ``names`` (or ``config.corruptions``) make the
+            mixture, through its ``corrupt``.
+        num_classes: number of classes.
+    """
+    names = list(config.corruptions or suite.names)
     x_train, y_train = splits["train"]
     _, pooled = collect_evidence(primary, student, None, x_train)
     router = Router(primary.num_exits, num_classes, [p.shape[1] for p in pooled], hidden=config.hidden,
@@ -64,12 +75,13 @@ def fit_router(primary: nn.Module, student: nn.Module, splits: dict[str, tuple[T
     router.fit_feature_scores(pooled, y_train)
 
     x_val, y_val = splits["val"]
-    x_fit, y_fit = corrupted_copies(x_val, y_val, names, config.severities, seed=config.seed + 1)
+    x_fit, y_fit = corrupted_copies(x_val, y_val, names, config.severities, seed=config.seed + 1, suite=suite)
     ev_fit, _ = collect_evidence(primary, student, router, x_fit)
     router.fit(ev_fit, y_fit, seed=config.seed)
 
     x_cal, y_cal = splits["calibration"]
-    x_mix, kinds = draw_mixture(x_cal, names, config.severities, config.clean_weight, seed=config.seed + 2)
+    x_mix, kinds = draw_mixture(x_cal, names, config.severities, config.clean_weight, seed=config.seed + 2,
+                                 suite=suite)
     ev_cal, _ = collect_evidence(primary, student, router, x_mix)
     covers = mixture_covers(config.clean_weight, names, config.severities, config.seed + 2)
     certify(router, ev_cal, y_cal, config.alpha, config.delta, covers, method=config.method,

@@ -24,7 +24,7 @@ def test_augmix_composes_and_reaches_the_modules():
     aug = _augmentation(cfg)
     assert isinstance(aug, AugMix)
     assert aug.config.seed == 5 and aug.config.width == 3 and aug.lambda_jsd == cfg.augment.config.lambda_jsd
-    assert set(aug.config.operations) == set(TUNING_CORRUPTIONS) and not set(aug.config.operations) & HELD_OUT
+    assert set(aug.operations) == set(TUNING_CORRUPTIONS) and not set(aug.operations) & HELD_OUT
 
 
 def test_the_default_is_augmix_and_none_turns_it_off():
