@@ -159,7 +159,7 @@ def resume_path(ckpt_path: str | None, module: L.LightningModule, stage: str) ->
     if path.is_dir():
         last = path / stage / "last.ckpt"
         return str(last) if last.exists() else None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if set(state.get("state_dict", {})) == set(module.state_dict()):
         return str(path)
     log.info("ckpt_path %s holds another stage's weights; %s trains afresh", path, stage)
