@@ -6,6 +6,7 @@ checks read it the way inference code does, with ``ff.load``.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -37,11 +38,25 @@ def test_demo_bundle_accuracy(demo):
     model, x, y, logits, student = demo
     acc_primary = (logits[-1].argmax(1) == y).float().mean().item()
     acc_student = (student.argmax(1) == y).float().mean().item()
+    model.policy = dataclasses.replace(model.policy, budget_ms=1e9)  # decisions, not this machine's load
     preds = torch.cat([model(xb).prediction for xb in x.split(16)])
+    answered = preds >= 0
     acc_system = (preds == y).float().mean().item()
     assert acc_primary >= 0.975
     assert acc_student >= 0.95
     assert acc_system >= acc_primary - 0.005
+    # issue 10 on clean: coverage >= 97% and accuracy among the answers >= 99%
+    assert answered.float().mean().item() >= 0.97
+    assert (preds[answered] == y[answered]).float().mean().item() >= 0.99
+
+
+def test_demo_bundle_router_states_what_its_guarantee_covers(demo):
+    model = demo[0]
+    assert model.router is not None
+    g = model.router.guarantee
+    assert g["satisfied"] and g["method"] == "ltt_binom"
+    assert set(g["covers"]["corruptions"]).isdisjoint({"speckle_noise", "glass_blur", "fog", "zigzag"})
+    assert "says nothing about other shifts" in g["statement"]
 
 
 def test_demo_bundle_is_calibrated(demo):
