@@ -104,12 +104,22 @@ def _routed(ctx: BenchmarkContext, stage_f: list[int], head_f: dict[int, int], f
     out["compute_saved_measured"] = 1.0 - measured / (full_f * len(x))  # scorers and feature scores included
     out["student_flops_share"] = student_f / full_f
     out["coverage"] = 1.0 - out["served_by"].get("default", 0.0)
+    out["accuracy_answered"] = _accuracy_answered(model, x, y)
     out["router_threshold"] = float(router.threshold)
     out["router_exit_floor"] = float(router.exit_floor)
     out["router_guarantee_satisfied"] = bool(router.guarantee.get("satisfied", False))
     out["router_source"] = system.get("router_report", {}).get("fitted_by", "the bundle")
     out["goal_met"] = out["compute_saved"] >= goals["goal_compute_saved"] and out["accuracy_drop_pt"] <= goals["goal_accuracy_drop_pt"]
     return out
+
+
+def _accuracy_answered(model: FallbackModel, x: Tensor, y: Tensor) -> float:
+    """Accuracy among the samples not served by the safe default (selective accuracy)."""
+    with torch.inference_mode():
+        outs = [model(xb) for xb in x.split(256)]
+    answered = torch.tensor([s != "default" for o in outs for s in o.served_by])
+    pred = torch.cat([o.prediction for o in outs])
+    return float((pred[answered] == y[answered]).float().mean()) if bool(answered.any()) else float("nan")
 
 
 def bench_early_exit(ctx: BenchmarkContext) -> dict[str, Any]:

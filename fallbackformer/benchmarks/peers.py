@@ -59,6 +59,7 @@ class GatedPeer(_Peer):
     def __call__(self, x: Tensor) -> Tensor:
         self._check(x)
         p = self.primary
+        last = p.exit_stages[-1]
         pred = torch.full((x.shape[0],), -1, dtype=torch.long)
         idx = None  # rows still in the batch (None: all)
         h = p.input_transform(x)
@@ -68,8 +69,11 @@ class GatedPeer(_Peer):
             if gate is None:
                 continue
             accept, _, answer = gate.decide(p.head(i)(h))
-            if bool(accept.all()):
+            n_accept = int(accept.sum())
+            if n_accept == accept.shape[0]:
                 return _fill(pred, idx, answer)
+            if n_accept == 0 and i != last:  # nobody leaves: no compaction
+                continue
             pred = _fill(pred, idx, torch.where(accept, answer, -1))
             idx = _keep(idx, ~accept, x.shape[0])
             h = h[~accept]
@@ -110,8 +114,11 @@ class RoutedPeer(_Peer):
                 accept, _, _, answer = router.decide_final(evidence)
                 return _fill(pred, idx, torch.where(accept, answer, -1))
             accept, _, answer = router.decide_exit(evidence, len(evidence.exit_logits) - 1)
-            if bool(accept.all()):
+            n_accept = int(accept.sum())
+            if n_accept == accept.shape[0]:
                 return _fill(pred, idx, answer)
+            if n_accept == 0:  # nobody leaves: no compaction
+                continue
             pred = _fill(pred, idx, torch.where(accept, answer, -1))
             idx = _keep(idx, ~accept, x.shape[0])
             h, evidence = h[~accept], evidence.select(~accept)
