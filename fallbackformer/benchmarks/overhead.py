@@ -55,13 +55,18 @@ def _floor(primary: Any, gate: Any, spec: InputSpec) -> Any:
     return floor
 
 
-def _digits(ctx: BenchmarkContext, cfg: Any, rounds: int, inner: int, budget_ms: float) -> dict[str, Any]:
-    name, width = str(get(cfg, "primary", "digits_cnn_exits")), int(get(cfg, "width", 64))
-    num_classes = int(get(ctx.root, "num_classes", 10))
+def _configured(ctx: BenchmarkContext, cfg: Any, rounds: int, inner: int, budget_ms: float) -> dict[str, Any]:
+    """The comparison on the registered primary and student the config names, built fresh (random weights)."""
+    names = {k: get(cfg, k) for k in ("primary", "student")} | {"num_classes": get(ctx.root, "num_classes")}
+    missing = [k for k, v in names.items() if v is None]
+    if missing:
+        raise ValueError(f"the overhead section needs {missing} in the config (benchmark.overhead.primary, "
+                         "benchmark.overhead.student: registered model names; num_classes)")
+    name, width, num_classes = str(names["primary"]), int(get(cfg, "width", 64)), int(names["num_classes"])
     spec = ctx.input_spec
     torch.manual_seed(0)
     primary = create_model(name, num_classes=num_classes, width=width).eval()
-    student = create_model(str(get(cfg, "student", "digits_mlp_student")), num_classes=num_classes).eval()
+    student = create_model(str(names["student"]), num_classes=num_classes).eval()
     # The primary's path: early exits off (their gates accept nothing, so their heads are not computed),
     # the final answer always accepted. What remains is the wrapper's own work.
     gates = [never() for _ in range(primary.num_exits - 1)] + [accept_all(), accept_all()]
@@ -147,7 +152,7 @@ def bench_overhead(ctx: BenchmarkContext) -> dict[str, Any]:
     cfg = ctx.section("overhead")
     rounds, inner = int(get(cfg, "rounds", 15)), int(get(cfg, "inner", 40))
     budget_ms = float(get(cfg, "budget_ms", 1e4))
-    out = _digits(ctx, cfg, rounds, inner, budget_ms)
+    out = _configured(ctx, cfg, rounds, inner, budget_ms)
     realistic = get(cfg, "realistic", None)
     if realistic is not None and get(realistic, "enabled", True):
         out["realistic"] = _realistic(realistic, budget_ms)

@@ -20,7 +20,7 @@ def test_benchmark_sections_on_tiny_settings(digits_system, tmp_path: Path) -> N
         "router": {"corruptions": ["gaussian_noise", "rotate"], "severities": [3, 5], "seed": 0},
         "benchmark": {
             "sections": ["overhead", "evidence", "deadline", "early_exit", "onnxruntime", "custom"],
-            "overhead": {"width": 8, "rounds": 2, "inner": 3,
+            "overhead": {"primary": "digits_cnn_exits", "student": "digits_mlp_student", "width": 8, "rounds": 2, "inner": 3,
                          "realistic": {"width": 4, "image_size": 16, "rounds": 2, "inner": 1}},
             "evidence": {"rounds": 2, "inner": 2},
             "deadline": {"budget_ms": 20.0, "calls": 30, "stall_probability": 0.2, "stall_ms": 60.0, "margin_ms": 1.0},
