@@ -1,4 +1,7 @@
-"""Benchmark the runtime (overhead, deadline under stalls, early exits, compile). See configs/benchmark.yaml."""
+"""Benchmark the runtime (overhead, evidence cost, deadline under stalls, early exits, compile, onnxruntime).
+
+See configs/benchmark.yaml; the work is :func:`fallbackformer.benchmarks.run_benchmark`.
+"""
 
 import hydra
 from omegaconf import DictConfig
@@ -6,7 +9,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
-    from fallbackformer.training.benchmark import run_benchmark
+    from fallbackformer.benchmarks import run_benchmark
 
     run_benchmark(cfg)
 
