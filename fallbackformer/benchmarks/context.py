@@ -138,8 +138,10 @@ def fit_system_router(cfg: Any, system: dict[str, Any]) -> tuple[Any, dict[str, 
     items = dict(node.items()) if hasattr(node, "items") else {}
     config = RouterConfig(**{k: (list(v) if hasattr(v, "__iter__") and not isinstance(v, str) else v)
                              for k, v in items.items() if k != "_target_"})
-    names = list(get(get(cfg, "shift", {}), "names", []) or config.corruptions or [])
+    from hydra.utils import instantiate
+
+    suite = instantiate(get(cfg, "shift"))  # the corruptions come from the configured suite
     primary, student = system["primary"], system["student"]
     num_classes = int(get(cfg, "num_classes", 0)) or int(primary(system["splits"]["test"][0][:1])[-1].shape[1])
-    router, report = fit_router(primary, student, system["splits"], config, names, num_classes)
+    router, report = fit_router(primary, student, system["splits"], config, suite, num_classes)
     return router, {**report, "fitted_by": "the benchmark (the system had no router)"}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,13 +45,38 @@ class Evidence:
     exit_logits: list[Tensor] = field(default_factory=list)
     feature_scores: list[Tensor] = field(default_factory=list)
     student_logits: Tensor | None = None
+    # per path, its statistics [B, 3] and class [B], computed once (a request's decisions reuse them;
+    # treat the tensors above as read-only once a decision has read them)
+    _cache: dict[Any, Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def stats(self, j: int | str) -> Tensor:
+        """:func:`logit_stats` of exit ``j`` (or ``"student"``) as ``[B, 3]``, computed once."""
+        key = ("stats", j)
+        if key not in self._cache:
+            self._cache[key] = torch.stack(logit_stats(self._logits(j)), 1)
+        return self._cache[key]
+
+    def pred(self, j: int | str) -> Tensor:
+        """The class of exit ``j`` (or ``"student"``), ``[B]``, computed once."""
+        key = ("pred", j)
+        if key not in self._cache:
+            self._cache[key] = self._logits(j).argmax(-1)
+        return self._cache[key]
+
+    def _logits(self, j: int | str) -> Tensor:
+        if j == "student":
+            if self.student_logits is None:
+                raise ValueError("this evidence has no student logits (Evidence.student_logits is None)")
+            return self.student_logits
+        return self.exit_logits[int(j)]
 
     def select(self, rows: Tensor) -> "Evidence":
-        """The evidence of the rows ``rows`` (a bool mask or indices)."""
+        """The evidence of the rows ``rows`` (a bool mask or indices), its computed statistics included."""
         return Evidence(
             [t[rows] for t in self.exit_logits],
             [t[rows] for t in self.feature_scores],
             None if self.student_logits is None else self.student_logits[rows],
+            {k: v[rows] for k, v in self._cache.items()},
         )
 
 
@@ -86,30 +112,30 @@ def path_features(evidence: Evidence, position: int | str) -> Tensor:
             exits were reached): "may exit ``k`` answer?", reading exits ``0..k`` and the student;
             ``"student"``: "may the student answer?", reading every exit and the student;
             ``"student_alone"``: the student's own logits only (the primary could not finish).
+
+    Per exit ``j`` read: its 3 statistics, its feature score and whether its class agrees with the
+    answer judged; then the student's 3 statistics (and, for an exit, whether the student agrees).
     """
-    s = evidence.student_logits
-    if s is None:
+    if evidence.student_logits is None:
         raise ValueError("path_features needs the student's logits (Evidence.student_logits is None)")
-    s_stats = logit_stats(s)
+    s_stats = evidence.stats("student")  # [B, 3]
     if position == "student_alone":
-        return torch.stack(s_stats, 1)
-    s_pred = s.argmax(-1)
-    cols: list[Tensor] = []
+        return s_stats
     if position == "student":
-        for logits, fs in zip(evidence.exit_logits, evidence.feature_scores):
-            cols += logit_stats(logits)
-            cols += [fs.float(), (logits.argmax(-1) == s_pred).float()]
-        return torch.stack(cols + s_stats, 1)
-    k = int(position)
-    if k >= len(evidence.exit_logits):
-        raise ValueError(f"position {k} needs exits 0..{k}; the evidence holds {len(evidence.exit_logits)}")
-    k_pred = evidence.exit_logits[k].argmax(-1)
-    for logits, fs in zip(evidence.exit_logits[: k + 1], evidence.feature_scores[: k + 1]):
-        cols += logit_stats(logits)
-        cols += [fs.float(), (logits.argmax(-1) == k_pred).float()]
-    cols += s_stats
-    cols.append((s_pred == k_pred).float())
-    return torch.stack(cols, 1)
+        judged, reach = evidence.pred("student"), len(evidence.exit_logits)
+    else:
+        k = int(position)
+        if k >= len(evidence.exit_logits):
+            raise ValueError(f"position {k} needs exits 0..{k}; the evidence holds {len(evidence.exit_logits)}")
+        judged, reach = evidence.pred(k), k + 1
+    cols: list[Tensor] = []
+    for j in range(reach):
+        cols += [evidence.stats(j), evidence.feature_scores[j].float()[:, None],
+                 (evidence.pred(j) == judged).float()[:, None]]
+    cols.append(s_stats)
+    if position != "student":
+        cols.append((evidence.pred("student") == judged).float()[:, None])
+    return torch.cat(cols, 1)
 
 
 def pool_features(h: Tensor) -> Tensor:

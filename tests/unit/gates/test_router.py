@@ -95,8 +95,9 @@ def test_router_fits_and_round_trips_through_its_config():
 def test_router_never_accepts_non_finite_evidence():
     router, ev, labels = _fitted_router()
     certify(router, ev, labels, alpha=0.2, delta=0.1, covers={})
-    ev.exit_logits[0][:5] = float("nan")
-    accept, conf, _ = router.decide_exit(ev, 0)
+    logits = [t.clone() for t in ev.exit_logits]
+    logits[0][:5] = float("nan")
+    accept, conf, _ = router.decide_exit(Evidence(logits, ev.feature_scores, ev.student_logits), 0)
     assert not bool(accept[:5].any()) and bool(torch.isnan(conf[:5]).all())
 
 
