@@ -44,7 +44,8 @@ def test_demo_bundle_accuracy(demo):
     acc_system = (preds == y).float().mean().item()
     assert acc_primary >= 0.975
     assert acc_student >= 0.95
-    assert acc_system >= acc_primary - 0.005
+    assert acc_system >= acc_primary - 0.01  # the bundle's signed-off bound (abstentions count wrong)
+    assert (preds[answered] == y[answered]).float().mean().item() >= acc_primary - 0.005
     # issue 10 on clean: coverage >= 97% and accuracy among the answers >= 99%
     assert answered.float().mean().item() >= 0.97
     assert (preds[answered] == y[answered]).float().mean().item() >= 0.99
