@@ -16,7 +16,7 @@ from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.clock import HANG, MonotonicClock
 from fallbackformer.runtime.events import ListSink
 from fallbackformer.runtime.policy import Policy
-from fallbackformer.runtime.testing import build
+from fallbackformer.runtime.testing import ConstHead, build
 
 X = torch.zeros(1, 4)
 
@@ -63,7 +63,7 @@ def test_a_slow_student_is_bounded_and_the_default_answers_with_deadline_exceede
 
 def test_a_hanging_student_does_not_hang_the_call_after_the_primary_rejects():
     # the primary answers fast but unsure (low_confidence); the student then hangs forever
-    model, clock, stages, student = build([1.0], student_script=HANG, budget_ms=20.0, thresholds=[0.99, 0.5])
+    model, clock, stages, student = build([1.0], student_script=HANG, budget_ms=20.0, heads={0: ConstHead(2, sharp=0.0)})
     timer = _safety(student)
     try:
         out = model(X)
@@ -76,7 +76,7 @@ def test_a_hanging_student_does_not_hang_the_call_after_the_primary_rejects():
 
 
 def test_a_blocking_sink_never_holds_the_call_and_a_full_queue_drops_and_counts():
-    model, clock, _, _ = build([0.0], student_script=0.0, budget_ms=20.0, hedge="off", thresholds=[0.99, 0.5],
+    model, clock, _, _ = build([0.0], student_script=0.0, budget_ms=20.0, hedge="off", heads={0: ConstHead(2, sharp=0.0)},
                                event_queue=2)
     gate = threading.Event()
     seen: list[int] = []
