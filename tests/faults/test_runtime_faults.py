@@ -162,3 +162,59 @@ def test_a_batch_over_max_batch_is_split_or_refused_as_the_policy_says():
     refusing, _, _, _ = build([1.0], budget_ms=20.0, hedge="off", max_batch=4, on_large_batch="raise")
     with pytest.raises(ValueError, match=r"batch of 10.*max_batch=4"):
         refusing(torch.zeros(10, 4))
+
+
+def test_load_warms_the_runtime_from_the_input_spec_unless_told_not_to(tmp_path):
+    import fallbackformer as ff
+
+    torch.manual_seed(0)
+    primary = ff.create_model("digits_cnn_exits", width=4).eval()
+    student = ff.create_model("digits_mlp_student", hidden=16).eval()
+    gates = [ff.ConfidenceGate(temperature=1.0, threshold=0.5) for _ in range(primary.num_exits + 1)]
+    spec = ff.InputSpec(shape=(1, 8, 8), value_range=(0.0, 16.0))
+    model = ff.FallbackModel(primary, student, gates, ff.Policy(budget_ms=20.0), input_spec=spec).eval()
+    path = ff.save(model, tmp_path / "b")
+    loaded = ff.load(path)
+    try:
+        report = loaded.warm_report
+        assert report["passes"] >= 1 and report["workers"] == 2 and report["skipped"] == ""
+        assert loaded.profile.count("student") > 0 and loaded.stats()["calls"] == 0
+        assert loaded.stats()["hedge"]["workers"] == 1 and loaded.stats()["student_hedge"]["workers"] == 1
+    finally:
+        loaded.close(timeout_s=1.0)
+    cold = ff.load(path, warm_up=False)
+    assert cold.warm_report is None and "hedge" not in cold.stats()
+
+
+@pytest.mark.slow
+def test_the_interpreter_exits_cleanly_after_multithreaded_hedged_use(tmp_path):
+    """Workers still inside torch at exit used to abort the process (SIGABRT, 9 runs in 20)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, threading, torch\n"
+        "import fallbackformer as ff\n"
+        "torch.set_num_threads(1)\n"
+        "primary = ff.create_model('digits_cnn_exits', width=16).eval()\n"
+        "student = ff.create_model('digits_mlp_student', hidden=16).eval()\n"
+        "gates = [ff.ConfidenceGate(temperature=1.0, threshold=0.99) for _ in range(primary.num_exits + 1)]\n"
+        "model = ff.FallbackModel(primary, student, gates, ff.Policy(budget_ms=2.0)).eval()\n"
+        "x = torch.rand(64, 1, 8, 8) * 16\n"
+        "stage = model._units['stage_1']\n"
+        "model._units['stage_1'] = lambda h: [stage(h) for _ in range(50)][-1]  # stalls: workers busy at exit\n"
+        "def run():\n"
+        "    for _ in range(20):\n"
+        "        model(x)\n"
+        "threads = [threading.Thread(target=run) for _ in range(4)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "if sys.argv[1] == 'close':\n"
+        "    model.close(timeout_s=1.0)\n"
+    )
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    codes = [subprocess.run([sys.executable, str(script), "close" if i % 2 else "exit"], env=env,
+                            capture_output=True, timeout=120).returncode for i in range(20)]
+    assert codes == [0] * 20, codes
