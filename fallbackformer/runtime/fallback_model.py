@@ -325,9 +325,10 @@ class FallbackModel(nn.Module):
         """Make the first call keep the budget: start the workers and time the model on a spec example.
 
         Starts the primary's and the student's hedging workers (``hedge="always"``) and, with an input
-        spec and ``compile="off"`` (never compiles), times every segment on a batch of one made from
-        the spec (its range's midpoint) until ``max_s`` real seconds are spent, recording into
-        :attr:`profile`; one pass also runs on each worker. Counters are untouched. ``ff.load`` calls it.
+        spec and ``compile="off"`` (never compiles), runs every segment on a batch of one made from
+        the spec (its range's midpoint) until ``max_s`` real seconds are spent (lazy initialisation,
+        allocator and caches); one pass also runs on each worker. The profile and the counters are
+        untouched (a bundle's priors stay priors: ``warm_up(x)`` measures). ``ff.load`` calls it.
 
         Args:
             max_s: real seconds it may take (a pass under way finishes first).
@@ -352,7 +353,7 @@ class FallbackModel(nn.Module):
                     if ticket is not None:  # (real time: the worker's first pass, bounded)
                         started += ticket.done.wait(max(0.0, t_end - time.monotonic()))
             while x is not None and (passes == 0 or time.monotonic() < t_end):
-                self._timed_segments(x, record=passes > 0)  # (the first pass: lazy initialisation)
+                self._timed_segments(x, record=False)
                 passes += 1
         spent = max_s - (t_end - time.monotonic())
         return {"passes": passes, "seconds": spent, "workers": started, "skipped": skipped}

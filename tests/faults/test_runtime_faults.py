@@ -178,7 +178,7 @@ def test_load_warms_the_runtime_from_the_input_spec_unless_told_not_to(tmp_path)
     try:
         report = loaded.warm_report
         assert report["passes"] >= 1 and report["workers"] == 2 and report["skipped"] == ""
-        assert loaded.profile.count("student") > 0 and loaded.stats()["calls"] == 0
+        assert loaded.stats()["calls"] == 0
         assert loaded.stats()["hedge"]["workers"] == 1 and loaded.stats()["student_hedge"]["workers"] == 1
     finally:
         loaded.close(timeout_s=1.0)
