@@ -75,7 +75,7 @@ _OK, _PREDICTED, _EXCEEDED, _ERROR, _NONFINITE, _TIMEOUT, _BUSY = (
     "timeout",
     "busy",
 )
-#: student workers a model may start when Policy.max_concurrency does not say (threads start only as needed)
+#: healthy student workers a model may start (threads start only as needed: about one per call in flight)
 STUDENT_WORKERS = 32
 #: calls whose answers are tallied into the counters in one pass (stats() always counts them all)
 TALLY_BATCH = 64
@@ -487,8 +487,7 @@ class FallbackModel(nn.Module):
     def _sync(self) -> Policy:
         """Apply the policy's breaker, rollback, hedging and compile settings when they changed."""
         p, clock = self.policy, self.clock
-        key = (id(p), id(clock), id(p.breaker), p.rollback, p.compile, p.hedge_workers, p.hedge_max_stuck,
-               p.max_concurrency)
+        key = (id(p), id(clock), id(p.breaker), p.rollback, p.compile, p.hedge_workers, p.hedge_max_stuck)
         if key == self._synced:
             return p
         with self._lock:
@@ -1051,8 +1050,9 @@ def _spec_example(spec: InputSpec) -> torch.Tensor:
 
 
 def _pool_size(policy: Policy, attr: str) -> int:
-    """Healthy workers of a pool: ``hedge_workers`` primaries; a student per call in flight (made as needed)."""
-    return policy.hedge_workers if attr == "_hedger" else (policy.max_concurrency or STUDENT_WORKERS)
+    """Healthy workers of a pool: ``hedge_workers`` primaries; a student per call in flight (made as needed;
+    calls over ``max_concurrency`` need one too)."""
+    return policy.hedge_workers if attr == "_hedger" else STUDENT_WORKERS
 
 
 def _join_outputs(parts: list[FallbackOutput]) -> FallbackOutput:
