@@ -21,9 +21,12 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fallbackformer.runtime.events import EventSink, FallbackEvent
+import torch
 
-__all__ = ["EventDispatcher", "build_events", "register_for_exit", "EXIT_JOIN_S"]
+from fallbackformer.runtime.events import EventSink, FallbackEvent
+from fallbackformer.runtime.output import FallbackOutput
+
+__all__ = ["EventDispatcher", "build_events", "deliver", "join_outputs", "register_for_exit", "EXIT_JOIN_S"]
 
 #: real seconds the exit hook waits, in all, for the runtime's threads to end
 EXIT_JOIN_S = 2.0
@@ -153,3 +156,20 @@ class EventDispatcher:
 
     def close(self, timeout_s: float = 1.0) -> None:
         self.shutdown(time.monotonic() + timeout_s)
+
+
+def join_outputs(parts: list[FallbackOutput]) -> FallbackOutput:
+    """One answer from the answers of a split batch's chunks, in order (the first chunk's request id)."""
+    width = max(p.logits.shape[1] for p in parts)
+    logits = [p.logits if p.logits.shape[1] == width else torch.full((len(p), width), float("nan"), device=p.logits.device)
+              for p in parts]
+    return FallbackOutput(
+        prediction=torch.cat([p.prediction for p in parts]),
+        served_by=[w for p in parts for w in p.served_by],
+        reason=[r for p in parts for r in p.reason],
+        confidence=torch.cat([p.confidence for p in parts]),
+        latency_ms=parts[-1].latency_ms,
+        logits=torch.cat(logits),
+        request_id=parts[0].request_id,
+        signals=sorted({s for p in parts for s in p.signals}),
+    )

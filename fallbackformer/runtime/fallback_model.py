@@ -11,9 +11,13 @@ One call, end to end (DESIGN.md):
    An exit whose answer comes after the deadline does not serve (``deadline_exceeded``).
 4. Samples the primary cannot serve (its final gate rejects, it raises, its output is non-finite or
    malformed, a deadline) go to the student; samples the student's gate rejects get the safe default.
-5. The hard deadline (``Policy.hedge``): the primary runs on a worker thread and the call takes
-   whatever is ready at the deadline; the student is started in time to be ready by then. A stuck
-   primary never piles up work: when every worker is still busy the call falls back at once.
+5. The hard deadline (``Policy.hedge="always"``, the default): the primary and the student run on
+   worker threads and the call takes whatever is ready at the deadline; the student is started in
+   time to be ready by then, and a student that is not leaves the default (``deadline_exceeded``).
+   Workers whose call already answered are *stuck*; the pool grows beside them up to a cap (the
+   bulkhead), beyond which a call falls back at once rather than queue.
+6. Calls over ``Policy.max_concurrency`` go to the student at once; batches over ``max_batch`` are
+   split under the one deadline (or refused). Events reach the sinks on a dispatcher thread.
 
 Every stage's measured time goes into a :class:`~fallbackformer.runtime.latency.LatencyProfile`
 (seed it with :meth:`FallbackModel.warm_up`), which the admission check reads. Every answer not
@@ -47,13 +51,14 @@ from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.admission import AdmissionPlan, AdmissionPlanner
 from fallbackformer.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from fallbackformer.runtime.clock import NS_PER_MS, Clock, MonotonicClock, median_ms
-from fallbackformer.runtime.dispatch import EventDispatcher, build_events, deliver, register_for_exit
+from fallbackformer.runtime.dispatch import EventDispatcher, build_events, deliver, register_for_exit, join_outputs
 from fallbackformer.runtime.events import EventSink, FallbackEvent
 from fallbackformer.runtime.hedging import Hedger, HedgeStatus
 from fallbackformer.runtime.latency import LatencyProfile
 from fallbackformer.runtime.output import FallbackOutput
 from fallbackformer.runtime.policy import Policy
 from fallbackformer.runtime.request_state import RequestState
+from fallbackformer.runtime.warm import warm_start
 from fallbackformer.runtime.validation import (
     InputSpec,
     InvalidInputError,
@@ -162,11 +167,10 @@ class FallbackModel(nn.Module):
         self._drift_lock = threading.Lock()
         self._given_breaker = breaker
         self.breaker: CircuitBreaker | None = breaker
-        self._hedger: Hedger | None = None
+        self._hedger: Hedger | None = None  # the primary's workers
         self._student_hedger: Hedger | None = None
         self._dispatcher: EventDispatcher | None = None
-        self._concurrency = [0]  # calls in flight (counted only under Policy.max_concurrency)
-        self.concurrency_refused = 0
+        self._concurrency, self.concurrency_refused = [0], 0  # calls in flight (under max_concurrency)
         self._hedge_calls_left = 0
         self._refused_in_row = 0  # calls in a row whose primary admission refused at stage 0
         self._synced: tuple[Any, ...] | None = None
@@ -218,7 +222,7 @@ class FallbackModel(nn.Module):
                     f"most {limit}, raise max_batch, or set on_large_batch='split'"
                 )
             else:  # chunks one after the other under the one deadline; each is recorded as a call
-                out = _join_outputs([self._serve(x[i:i + limit], policy, start_ns, deadline_ns, over)
+                out = join_outputs([self._serve(x[i:i + limit], policy, start_ns, deadline_ns, over)
                                      for i in range(0, x.shape[0], limit)])
         finally:
             if policy.max_concurrency is not None:
@@ -322,41 +326,8 @@ class FallbackModel(nn.Module):
         return {"compile": dict(self.compile_report), "latency": self.profile.summary()}
 
     def warm_start(self, max_s: float = 0.25) -> dict[str, Any]:
-        """Make the first call keep the budget: start the workers and time the model on a spec example.
-
-        Starts the primary's and the student's hedging workers (``hedge="always"``) and, with an input
-        spec and ``compile="off"`` (never compiles), runs every segment on a batch of one made from
-        the spec (its range's midpoint) until ``max_s`` real seconds are spent (lazy initialisation,
-        allocator and caches); one pass also runs on each worker. The profile and the counters are
-        untouched (a bundle's priors stay priors: ``warm_up(x)`` measures). ``ff.load`` calls it.
-
-        Args:
-            max_s: real seconds it may take (a pass under way finishes first).
-
-        Returns:
-            ``{"passes": n, "seconds": s, "workers": started, "skipped": why or ""}``.
-        """
-        t_end = time.monotonic() + max_s
-        policy = self._sync()
-        spec = self.input_spec
-        skipped = "" if spec is not None else "no input_spec"
-        if not skipped and policy.compile != "off":
-            skipped = f"compile={policy.compile!r} (warm_start never compiles: call warm_up(x))"
-        x = None if skipped else _spec_example(spec)
-        passes, started = 0, 0
-        with torch.inference_mode():
-            if policy.hedge == "always":
-                device = x.device if x is not None else torch.device("cpu")
-                work = (lambda: None) if x is None else (lambda: self._timed_segments(x, record=False))
-                for role in ("primary", "student"):
-                    ticket = self._get_hedger(policy, device, role).submit(work)
-                    if ticket is not None:  # (real time: the worker's first pass, bounded)
-                        started += ticket.done.wait(max(0.0, t_end - time.monotonic()))
-            while x is not None and (passes == 0 or time.monotonic() < t_end):
-                self._timed_segments(x, record=False)
-                passes += 1
-        spent = max_s - (t_end - time.monotonic())
-        return {"passes": passes, "seconds": spent, "workers": started, "skipped": skipped}
+        """Make the first call keep the budget (``ff.load`` calls it): see :func:`fallbackformer.runtime.warm.warm_start`."""
+        return warm_start(self, max_s)
 
     def stats(self) -> dict[str, Any]:
         """Counters since construction: calls, answers by path, fallbacks by reason, hedging, breaker."""
@@ -1043,33 +1014,10 @@ class _SinkErrors:
             model._count_sink_error()
 
 
-def _spec_example(spec: InputSpec) -> torch.Tensor:
-    """One valid raw sample ``[1, *shape]`` of the spec: its value range's midpoint (zeros without one)."""
-    value = 0.0 if spec.value_range is None else 0.5 * (spec.value_range[0] + spec.value_range[1])
-    return torch.full((1, *spec.shape), value, dtype=getattr(torch, spec.dtype))
-
-
 def _pool_size(policy: Policy, attr: str) -> int:
     """Healthy workers of a pool: ``hedge_workers`` primaries; a student per call in flight (made as needed;
     calls over ``max_concurrency`` need one too)."""
     return policy.hedge_workers if attr == "_hedger" else STUDENT_WORKERS
-
-
-def _join_outputs(parts: list[FallbackOutput]) -> FallbackOutput:
-    """One answer from the answers of a split batch's chunks, in order (the first chunk's request id)."""
-    width = max(p.logits.shape[1] for p in parts)
-    logits = [p.logits if p.logits.shape[1] == width else torch.full((len(p), width), float("nan"), device=p.logits.device)
-              for p in parts]
-    return FallbackOutput(
-        prediction=torch.cat([p.prediction for p in parts]),
-        served_by=[w for p in parts for w in p.served_by],
-        reason=[r for p in parts for r in p.reason],
-        confidence=torch.cat([p.confidence for p in parts]),
-        latency_ms=parts[-1].latency_ms,
-        logits=torch.cat(logits),
-        request_id=parts[0].request_id,
-        signals=sorted({s for p in parts for s in p.signals}),
-    )
 
 
 def _rows(t: torch.Tensor | None, active: torch.Tensor | None) -> torch.Tensor | None:
