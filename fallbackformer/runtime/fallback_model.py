@@ -80,6 +80,8 @@ _OK, _PREDICTED, _EXCEEDED, _ERROR, _NONFINITE, _TIMEOUT, _BUSY = (
     "timeout",
     "busy",
 )
+#: time allowed for handing the student to its worker in a hedged call (it starts this much earlier)
+HANDOFF_MS = 3.0
 #: healthy student workers a model may start (threads start only as needed: about one per call in flight)
 STUDENT_WORKERS = 32
 #: calls whose answers are tallied into the counters in one pass (stats() always counts them all)
@@ -769,6 +771,7 @@ class FallbackModel(nn.Module):
             student_at = clock.now_ns()  # (the student's time is unknown before it ever ran)
         else:  # the latest start that still leaves the student its p99 and the margin
             student_ms = self._plan(n, policy, state.live, False, state.seq).student_ms + policy.margin_ms
+            student_ms += min(HANDOFF_MS, 0.25 * policy.budget_ms)  # the student's own worker hand-off
             student_at = state.deadline_ns - int(student_ms * NS_PER_MS)
         state.shared = True
         cancel = threading.Event()

@@ -54,8 +54,8 @@ class Policy:
             the student and the margin is below this; ``None`` means a quarter of the budget.
         hedge_after_stall_calls: ``"auto"`` hedges this many calls after the primary missed a deadline.
         hedge_student_start: in a hedged call, ``"deferred"`` starts the student only when waiting
-            longer for the primary would leave it no time (deadline - student p99 - margin), so it runs
-            only when needed (at once while the student has never been timed); ``"immediate"`` starts
+            longer for the primary would leave it no time (deadline - student p99 - margin - a hand-off
+            allowance of min(3 ms, budget / 4)), so it runs only when needed (at once while the student has never been timed); ``"immediate"`` starts
             it at once, beside the primary.
         hedge_workers: primaries (and, separately, students) that may run at once on healthy workers.
         hedge_max_stuck: the bulkhead: a worker whose call has already answered without it (its task
