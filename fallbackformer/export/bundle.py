@@ -443,6 +443,7 @@ def load(
     sinks: Iterable["EventSink"] = (),
     ort_threads: int | None = None,
     trusted_keys: Iterable[Any] | None = None,
+    warm_up: bool = True,
 ) -> "FallbackModel":
     """Load a bundle: verify the manifest digest and every file's size and sha256, rebuild, return the model.
 
@@ -460,6 +461,8 @@ def load(
             default: onnxruntime's choice).
         trusted_keys: Ed25519 public keys (objects, PEM or PEM paths): refuse the bundle unless one
             of them signed this manifest (``signature.json``). ``None``: no signature check.
+        warm_up: warm the runtime from the input spec (``FallbackModel.warm_start``: workers started,
+            a fraction of a second of timing, no compilation) so that the first call keeps the budget.
 
     A bundle outside its own ``degradation`` bounds is refused (or, with ``on_breach: signal``, loaded
     with a :class:`~fallbackformer.export.bounds.BoundsWarning`; ``model.bounds_breaches`` lists them).
@@ -526,7 +529,8 @@ def load(
     model.bundle_manifest = manifest.raw
     model.bundle_sections = manifest.sections
     model.bounds_breaches = breaches
-    return model.eval()
+    model.warm_report = model.eval().warm_start() if warm_up else None
+    return model
 
 
 def _load_router(path: Path, manifest: Manifest, blobs: Mapping[str, bytes]) -> Any:

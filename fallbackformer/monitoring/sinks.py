@@ -102,6 +102,8 @@ class JsonlFileSink:
         sink keeps going; the last error is in ``last_error``).
     """
 
+    nonblocking = True  # (emit only queues: the model gives it events on the caller's thread, in order)
+
     def __init__(
         self,
         path: str | os.PathLike[str],

@@ -46,7 +46,9 @@ class EventSink(Protocol):
 
 
 class ListSink:
-    """Keeps events in memory (tests, notebooks)."""
+    """Keeps events in memory (tests, notebooks); an append, given events on the caller's thread."""
+
+    nonblocking = True  # (an append never blocks: the model skips its dispatcher for it)
 
     def __init__(self) -> None:
         self.events: list[FallbackEvent] = []

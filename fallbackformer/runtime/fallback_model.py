@@ -11,9 +11,13 @@ One call, end to end (DESIGN.md):
    An exit whose answer comes after the deadline does not serve (``deadline_exceeded``).
 4. Samples the primary cannot serve (its final gate rejects, it raises, its output is non-finite or
    malformed, a deadline) go to the student; samples the student's gate rejects get the safe default.
-5. The hard deadline (``Policy.hedge``): the primary runs on a worker thread and the call takes
-   whatever is ready at the deadline; the student is started in time to be ready by then. A stuck
-   primary never piles up work: when every worker is still busy the call falls back at once.
+5. The hard deadline (``Policy.hedge="always"``, the default): the primary and the student run on
+   worker threads and the call takes whatever is ready at the deadline; the student is started in
+   time to be ready by then, and a student that is not leaves the default (``deadline_exceeded``).
+   Workers whose call already answered are *stuck*; the pool grows beside them up to a cap (the
+   bulkhead), beyond which a call falls back at once rather than queue.
+6. Calls over ``Policy.max_concurrency`` go to the student at once; batches over ``max_batch`` are
+   split under the one deadline (or refused). Events reach the sinks on a dispatcher thread.
 
 Every stage's measured time goes into a :class:`~fallbackformer.runtime.latency.LatencyProfile`
 (seed it with :meth:`FallbackModel.warm_up`), which the admission check reads. Every answer not
@@ -47,12 +51,14 @@ from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.admission import AdmissionPlan, AdmissionPlanner
 from fallbackformer.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from fallbackformer.runtime.clock import NS_PER_MS, Clock, MonotonicClock, median_ms
+from fallbackformer.runtime.dispatch import EventDispatcher, build_events, deliver, register_for_exit, join_outputs
 from fallbackformer.runtime.events import EventSink, FallbackEvent
 from fallbackformer.runtime.hedging import Hedger, HedgeStatus
 from fallbackformer.runtime.latency import LatencyProfile
 from fallbackformer.runtime.output import FallbackOutput
 from fallbackformer.runtime.policy import Policy
 from fallbackformer.runtime.request_state import RequestState
+from fallbackformer.runtime.warm import warm_start
 from fallbackformer.runtime.validation import (
     InputSpec,
     InvalidInputError,
@@ -74,6 +80,10 @@ _OK, _PREDICTED, _EXCEEDED, _ERROR, _NONFINITE, _TIMEOUT, _BUSY = (
     "timeout",
     "busy",
 )
+#: time allowed for handing the student to its worker in a hedged call (it starts this much earlier)
+HANDOFF_MS = 3.0
+#: healthy student workers a model may start (threads start only as needed: about one per call in flight)
+STUDENT_WORKERS = 32
 #: calls whose answers are tallied into the counters in one pass (stats() always counts them all)
 TALLY_BATCH = 64
 
@@ -159,7 +169,10 @@ class FallbackModel(nn.Module):
         self._drift_lock = threading.Lock()
         self._given_breaker = breaker
         self.breaker: CircuitBreaker | None = breaker
-        self._hedger: Hedger | None = None
+        self._hedger: Hedger | None = None  # the primary's workers
+        self._student_hedger: Hedger | None = None
+        self._dispatcher: EventDispatcher | None = None
+        self._concurrency, self.concurrency_refused = [0], 0  # calls in flight (under max_concurrency)
         self._hedge_calls_left = 0
         self._refused_in_row = 0  # calls in a row whose primary admission refused at stage 0
         self._synced: tuple[Any, ...] | None = None
@@ -180,53 +193,101 @@ class FallbackModel(nn.Module):
     # ------------------------------------------------------------------ public
 
     def forward(self, x: torch.Tensor) -> FallbackOutput:
-        """Answer a batch of raw inputs ``[B, ...]`` within the policy's budget."""
+        """Answer a batch of raw inputs ``[B, ...]`` within the policy's budget.
+
+        ``latency_ms`` of the answer is the call's whole wall time, its bookkeeping included; sinks
+        run on a dispatcher thread, never on the caller's time.
+
+        Raises:
+            InvalidInputError: bad input under ``on_invalid_input="raise"``.
+            ValueError: a batch over ``Policy.max_batch`` under ``on_large_batch="raise"``.
+        """
         clock = self.clock
         start_ns = clock.now_ns()
         policy = self._sync()
-        budget_ns = int(policy.budget_ms * NS_PER_MS)
-        seq = next(self._ids)
-        request_id = f"{self._id_prefix}-{seq}"
+        deadline_ns = start_ns + int(policy.budget_ms * NS_PER_MS)
         x = check_batch(x, self.input_spec)
-        b = x.shape[0]
-        state = RequestState(b, start_ns, start_ns + budget_ns, seq, self._live_exits())
+        limit = policy.max_batch
+        concurrency = self._concurrency
+        if policy.max_concurrency is not None:
+            with self._lock:
+                concurrency[0] += 1
+                over = concurrency[0] > policy.max_concurrency
+        else:
+            over = False
+        try:
+            if limit is None or x.shape[0] <= limit:
+                out = self._serve(x, policy, start_ns, deadline_ns, over)
+            elif policy.on_large_batch == "raise":
+                raise ValueError(
+                    f"a batch of {x.shape[0]} samples is over Policy.max_batch={limit}; send batches of at "
+                    f"most {limit}, raise max_batch, or set on_large_batch='split'"
+                )
+            else:  # chunks one after the other under the one deadline; each is recorded as a call
+                out = join_outputs([self._serve(x[i:i + limit], policy, start_ns, deadline_ns, over)
+                                     for i in range(0, x.shape[0], limit)])
+        finally:
+            if policy.max_concurrency is not None:
+                with self._lock:
+                    concurrency[0] -= 1
+        out.latency_ms = (clock.now_ns() - start_ns) / NS_PER_MS
+        return out
 
+    def _serve(self, x: torch.Tensor, policy: Policy, start_ns: int, deadline_ns: int, over: bool) -> FallbackOutput:
+        """One batch, checked and within ``max_batch``, served by ``deadline_ns``."""
+        seq = next(self._ids)
+        b = x.shape[0]
+        state = RequestState(b, start_ns, deadline_ns, seq, self._live_exits())
         with contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode():
             valid = self._valid_indices(x, state, policy)  # None: every sample is valid
             n_valid = b if valid is None else int(valid.numel())
             if n_valid > 0 and self.router is not None:
-                self._student_first(x, valid, state)
+                self._student_first(x, valid, state, policy)
             if n_valid > 0:
-                breaker = self.breaker
-                if policy.on_drift == "student" and self._drift_routes(policy):
-                    state.set_reason(valid, R.CALIBRATION_DRIFT, b)  # the student serves
-                    outcome = None
-                elif breaker is not None and not breaker.try_acquire():
-                    state.set_reason(valid, R.BREAKER_OPEN, b)
-                    outcome = None
-                else:
-                    if policy.probe_every and self._refused_in_row >= policy.probe_every:
-                        state.probe = True  # admission has refused the primary for a while: try it once
-                        self._refused_in_row = 0
-                    if self._should_hedge(policy, state, n_valid):
-                        outcome = self._hedged(x, valid, state, policy)
-                    else:
-                        t0 = clock.now_ns()
-                        self._walk_primary(x, valid, state, policy, None)
-                        outcome = state.outcome
-                        state.primary_ms = (clock.now_ns() - t0) / NS_PER_MS
+                outcome = self._primary(x, valid, state, policy, n_valid, over)
                 if outcome is not None:
                     self._after_primary(outcome, state.primary_ms, policy)
                 rest = state.unserved(valid, x.device)
                 if rest is not None and rest.numel() > 0:
-                    self._run_student(x, rest, state)
-
-        latency_ms = (clock.now_ns() - start_ns) / NS_PER_MS
-        out = state.output(latency_ms, request_id, self._default_prediction(policy), x.device)
-        if policy.drift_check and state.drift_scores is not None:
-            self._check_drift(out, state.drift_scores, policy)
+                    self._run_student(x, rest, state, policy)
+                if state.student_late:  # the student could not answer in time: the default did
+                    late = state.unserved(valid, x.device)
+                    if late is not None:
+                        state.set_reason(late, R.DEADLINE_EXCEEDED, b, caller=True)
+            latency_ms = (self.clock.now_ns() - start_ns) / NS_PER_MS
+            out = state.output(latency_ms, f"{self._id_prefix}-{seq}", self._default_prediction(policy), x.device)
+            if policy.drift_check and state.drift_scores is not None:
+                self._check_drift(out, state.drift_scores, policy)
         self._record(out, state, policy)
         return out
+
+    def _primary(
+        self, x: torch.Tensor, valid: torch.Tensor | None, state: RequestState, policy: Policy, n_valid: int, over: bool
+    ) -> str | None:
+        """Admit and walk the primary (inline or hedged); its outcome, ``None`` when it was not admitted."""
+        b = x.shape[0]
+        breaker = self.breaker
+        if over:  # more calls in flight than the cores can serve on time: the student serves now
+            state.set_reason(valid, R.DEADLINE_PREDICTED, b)
+            state.add_detail(f"over max_concurrency={policy.max_concurrency}")
+            with self._lock:
+                self.concurrency_refused += 1
+            return None
+        if policy.on_drift == "student" and self._drift_routes(policy):
+            state.set_reason(valid, R.CALIBRATION_DRIFT, b)  # the student serves
+            return None
+        if breaker is not None and not breaker.try_acquire():
+            state.set_reason(valid, R.BREAKER_OPEN, b)
+            return None
+        if policy.probe_every and self._refused_in_row >= policy.probe_every:
+            state.probe = True  # admission has refused the primary for a while: try it once
+            self._refused_in_row = 0
+        if self._should_hedge(policy, state, n_valid):
+            return self._hedged(x, valid, state, policy)
+        t0 = self.clock.now_ns()
+        self._walk_primary(x, valid, state, policy, None)
+        state.primary_ms = (self.clock.now_ns() - t0) / NS_PER_MS
+        return state.outcome
 
     def warm_up(
         self,
@@ -266,6 +327,10 @@ class FallbackModel(nn.Module):
                     self._timed_segments(xb, record=True)
         return {"compile": dict(self.compile_report), "latency": self.profile.summary()}
 
+    def warm_start(self, max_s: float = 0.25) -> dict[str, Any]:
+        """Make the first call keep the budget (``ff.load`` calls it): see :func:`fallbackformer.runtime.warm.warm_start`."""
+        return warm_start(self, max_s)
+
     def stats(self) -> dict[str, Any]:
         """Counters since construction: calls, answers by path, fallbacks by reason, hedging, breaker."""
         with self._lock:
@@ -280,11 +345,15 @@ class FallbackModel(nn.Module):
                 "fallback_rate": fallbacks / total if total else 0.0,
                 "sink_errors": self.sink_errors,
                 "signals": dict(self.signal_counts),
+                "concurrency_refused": self.concurrency_refused,
+                "events_dropped": 0 if self._dispatcher is None else self._dispatcher.dropped,
             }
         if self._drift is not None and self.policy.drift_check:
             out["drift"] = self._drift[1].state()
         if self._hedger is not None:
             out["hedge"] = self._hedger.stats()
+        if self._student_hedger is not None:
+            out["student_hedge"] = self._student_hedger.stats()
         if self.breaker is not None:
             out["breaker"] = self.breaker.metrics()
         return out
@@ -354,9 +423,10 @@ class FallbackModel(nn.Module):
                     out.served_by[i] = R.DEFAULT
                     out.reason[i] = R.CALIBRATION_DRIFT
             routed = torch.tensor([r == R.CALIBRATION_DRIFT for r in out.reason], device=out.prediction.device)
-            out.prediction[routed] = default
-            out.confidence[routed] = float("nan")
-            out.logits[routed] = float("nan")
+            with torch.inference_mode():  # (the answer's tensors are inference tensors)
+                out.prediction[routed] = default
+                out.confidence[routed] = float("nan")
+                out.logits[routed] = float("nan")
 
     def close(self, timeout_s: float | None = 0.0) -> None:
         """Stop the hedging workers (a hung primary's thread is a daemon and is left behind).
@@ -367,16 +437,30 @@ class FallbackModel(nn.Module):
                 finalization.
         """
         with self._lock:
-            hedger, self._hedger = self._hedger, None
-        if hedger is not None:
-            hedger.close(timeout_s)
+            hedgers = (self._hedger, self._student_hedger)
+            self._hedger = self._student_hedger = None
+            dispatcher, self._dispatcher = self._dispatcher, None
+        for hedger in hedgers:
+            if hedger is not None:
+                hedger.close(timeout_s)
+        if dispatcher is not None:
+            dispatcher.close(max(timeout_s or 0.0, 0.1))
+
+    def flush_events(self, timeout_s: float = 5.0) -> bool:
+        """Wait up to ``timeout_s`` real seconds until the queued events reached the sinks (tests, shutdown).
+
+        Returns:
+            ``True`` when every queued event was delivered.
+        """
+        dispatcher = self._dispatcher
+        return True if dispatcher is None else dispatcher.flush(timeout_s)
 
     # ------------------------------------------------------------------ policy and units
 
     def _sync(self) -> Policy:
         """Apply the policy's breaker, rollback, hedging and compile settings when they changed."""
         p, clock = self.policy, self.clock
-        key = (id(p), id(clock), id(p.breaker), p.rollback, p.compile, p.hedge_workers)
+        key = (id(p), id(clock), id(p.breaker), p.rollback, p.compile, p.hedge_workers, p.hedge_max_stuck)
         if key == self._synced:
             return p
         with self._lock:
@@ -392,10 +476,12 @@ class FallbackModel(nn.Module):
                     self.breaker.force_open()
                 elif self.breaker.state == BreakerState.FORCED_OPEN:
                     self.breaker.reset()
-            hedger = self._hedger
-            if hedger is not None and (hedger.clock is not clock or hedger.max_workers != p.hedge_workers):
-                self._hedger = None
-                hedger.close()
+            for attr in ("_hedger", "_student_hedger"):
+                hedger = getattr(self, attr)
+                if hedger is not None and (hedger.clock is not clock or hedger.max_stuck != p.hedge_max_stuck
+                                           or hedger.max_workers != _pool_size(p, attr)):
+                    setattr(self, attr, None)
+                    hedger.close()
             if old is None or old[4] != p.compile:
                 self._eager_units()
                 if p.compile == "on":
@@ -656,19 +742,25 @@ class FallbackModel(nn.Module):
         predicted = self._plan(n, policy, state.live, False, state.seq).total_ms
         return policy.budget_ms - predicted < policy.effective_hedge_slack_ms
 
-    def _get_hedger(self, policy: Policy, device: torch.device) -> Hedger:
+    def _get_hedger(self, policy: Policy, device: torch.device, role: str = "primary") -> Hedger:
+        """The pool of ``role`` (``"primary"`` or ``"student"``), made on first use."""
+        attr = "_hedger" if role == "primary" else "_student_hedger"
         with self._lock:
-            if self._hedger is None:
-                self._hedger = Hedger(
-                    max_workers=policy.hedge_workers,
+            hedger = getattr(self, attr)
+            if hedger is None:
+                hedger = Hedger(  # students: one per call in flight (threads are made only when needed)
+                    max_workers=_pool_size(policy, attr),
                     clock=self.clock,
-                    name="fallbackformer-primary",
+                    name=f"fallbackformer-{role}",
                     cuda_streams=device.type == "cuda",
+                    max_stuck=policy.hedge_max_stuck,
                 )
-                # close the workers when the model is collected, but not at interpreter exit: a
-                # daemon thread that wakes up and ends during finalization can abort the process
-                weakref.finalize(self, Hedger.close, self._hedger).atexit = False
-            return self._hedger
+                setattr(self, attr, hedger)
+                # close the workers when the model is collected; at interpreter exit the exit hook
+                # cancels and joins them (a thread killed inside a torch operator aborts the process)
+                weakref.finalize(self, Hedger.close, hedger).atexit = False
+                register_for_exit(hedger)
+            return hedger
 
     def _hedged(self, x: torch.Tensor, valid: torch.Tensor | None, state: RequestState, policy: Policy) -> str:
         """Run the primary on a worker and have the student ready by the deadline; return the outcome."""
@@ -679,11 +771,14 @@ class FallbackModel(nn.Module):
             student_at = clock.now_ns()  # (the student's time is unknown before it ever ran)
         else:  # the latest start that still leaves the student its p99 and the margin
             student_ms = self._plan(n, policy, state.live, False, state.seq).student_ms + policy.margin_ms
+            student_ms += min(HANDOFF_MS, 0.25 * policy.budget_ms)  # the student's own worker hand-off
             student_at = state.deadline_ns - int(student_ms * NS_PER_MS)
         state.shared = True
         cancel = threading.Event()
         t0 = clock.now_ns()
         ticket = self._get_hedger(policy, x.device).submit(self._walk_primary, x, valid, state, policy, cancel)
+        if ticket is not None:
+            ticket.link_cancel(cancel)  # a cancelled walk stops at its next stage (its worker: stuck)
         if ticket is None:  # every worker is still busy with earlier calls: fall back at once
             state.set_reason(valid, R.DEADLINE_PREDICTED, b, caller=True)
             state.add_detail("hedge workers busy")
@@ -697,7 +792,7 @@ class FallbackModel(nn.Module):
             return state.outcome or _OK  # the caller serves the rest with the student
         # The primary is not done: compute the student now for everything not served yet.
         candidates = state.unserved(valid, x.device)
-        student = self._student_answer(x, candidates, state) if candidates is not None else None
+        student = self._student_answer(x, candidates, state, policy) if candidates is not None else None
         result = ticket.wait(state.deadline_ns - int(policy.margin_ms * NS_PER_MS))  # the margin: return path
         state.freeze()
         if result.status == HedgeStatus.TIMEOUT:
@@ -749,16 +844,11 @@ class FallbackModel(nn.Module):
 
     # ------------------------------------------------------------------ the router
 
-    def _student_first(self, x: torch.Tensor, valid: torch.Tensor | None, state: RequestState) -> None:
+    def _student_first(self, x: torch.Tensor, valid: torch.Tensor | None, state: RequestState, policy: Policy) -> None:
         """The router's evidence: the student's logits for every valid sample, ``[B, C]`` (NaN rows: none)."""
-        clock = self.clock
-        t0 = clock.now_ns()
         n = x.shape[0] if valid is None else int(valid.numel())
-        try:
-            logits = self._units[STUDENT_UNIT](x if valid is None else x[valid])
-            _check_logits(logits, n, R.STUDENT)
-        except Exception as exc:  # the router then sees NaN evidence and accepts nothing: the default serves
-            state.add_detail(f"student {type(exc).__name__}: {exc}"[:200])
+        logits = self._student_logits(x if valid is None else x[valid], n, state, policy)
+        if logits is None:  # the router then sees no student evidence and accepts nothing: the default serves
             return
         if valid is not None:
             full = torch.full((x.shape[0], logits.shape[1]), float("nan"), dtype=logits.dtype, device=logits.device)
@@ -766,7 +856,37 @@ class FallbackModel(nn.Module):
             logits = full
         state.student_logits = logits
         state.num_classes = logits.shape[1]
+
+    def _student_logits(self, xs: torch.Tensor, n: int, state: RequestState, policy: Policy) -> torch.Tensor | None:
+        """The student's logits on ``xs`` (``n`` samples), timed; ``None`` when it failed or was late.
+
+        With ``hedge="always"`` it runs on a worker and the caller waits no later than the deadline
+        less the margin; a late student is cancelled (its worker counted stuck until it returns) and
+        ``state.student_late`` makes the default answer with ``deadline_exceeded``.
+        """
+        clock = self.clock
+        t0 = clock.now_ns()
+        unit = self._units[STUDENT_UNIT]
+        try:
+            if policy.hedge != "always":
+                logits = unit(xs)
+            else:
+                hedger = self._get_hedger(policy, xs.device, "student")
+                result = hedger.run(unit, state.deadline_ns - int(policy.margin_ms * NS_PER_MS), xs)
+                if result.status in (HedgeStatus.TIMEOUT, HedgeStatus.BUSY):
+                    state.student_late = True
+                    state.add_detail("student did not answer by the deadline" if result.status == HedgeStatus.TIMEOUT
+                                     else "student workers busy")
+                    return None
+                if result.error is not None:
+                    raise result.error
+                logits = result.value
+            _check_logits(logits, n, R.STUDENT)
+        except Exception as exc:  # the default (already in place) serves
+            state.add_detail(f"student {type(exc).__name__}: {exc}"[:200])
+            return None
         self.profile.record(STUDENT_UNIT, n, (clock.now_ns() - t0) / NS_PER_MS)
+        return logits
 
     def _route_final(self, evidence: Evidence, logits: torch.Tensor, active: torch.Tensor | None,
                      state: RequestState, b: int, deadline_ns: int) -> None:
@@ -798,10 +918,9 @@ class FallbackModel(nn.Module):
     # ------------------------------------------------------------------ the student
 
     def _student_answer(
-        self, x: torch.Tensor, idx: torch.Tensor, state: RequestState
+        self, x: torch.Tensor, idx: torch.Tensor, state: RequestState, policy: Policy
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The student's ``(idx, logits, accept, confidence, prediction)`` on samples ``idx``, ``None`` if it failed."""
-        clock = self.clock
         n = int(idx.numel())
         router = self.router
         if router is not None:  # the student already ran: the router judges it alone
@@ -810,27 +929,21 @@ class FallbackModel(nn.Module):
             logits = state.student_logits[idx]
             accept, conf, prediction = router.decide_student_alone(logits)
             return idx, logits, accept, conf, prediction
-        t0 = clock.now_ns()
-        try:
-            xs = x if n == x.shape[0] else x[idx]
-            logits = self._units[STUDENT_UNIT](xs)
-            _check_logits(logits, n, R.STUDENT)
-            state.num_classes = logits.shape[1]
-        except Exception as exc:
-            state.add_detail(f"student {type(exc).__name__}: {exc}"[:200])
+        logits = self._student_logits(x if n == x.shape[0] else x[idx], n, state, policy)
+        if logits is None:
             return None  # the default (already in place) serves
+        state.num_classes = logits.shape[1]
         accept, conf, prediction = self.gates[R.STUDENT].decide(logits)  # never accepts a non-finite row
-        self.profile.record(STUDENT_UNIT, n, (clock.now_ns() - t0) / NS_PER_MS)
         return idx, logits, accept, conf, prediction
 
-    def _run_student(self, x: torch.Tensor, idx: torch.Tensor, state: RequestState) -> None:
+    def _run_student(self, x: torch.Tensor, idx: torch.Tensor, state: RequestState, policy: Policy) -> None:
         if state.student_done:
             return
         if state.router_rejected is not None:  # judged by the router with the primary's evidence
             idx = idx[~torch.isin(idx, state.router_rejected.to(idx.device))]
             if idx.numel() == 0:
                 return
-        answer = self._student_answer(x, idx, state)
+        answer = self._student_answer(x, idx, state, policy)
         if answer is not None:
             state.serve_student(*answer, x.shape[0])
 
@@ -864,33 +977,50 @@ class FallbackModel(nn.Module):
         if len(tallies) >= TALLY_BATCH:
             with self._lock:
                 self._tally_locked()
-        if not self.sinks:
+        sinks = self.sinks
+        if not sinks or all(who == R.PRIMARY for who in out.served_by):
             return
-        now = time.time()
-        stage_ms = state.stage_ms_snapshot()
-        for i, (who, why) in enumerate(zip(out.served_by, out.reason)):
-            if who == R.PRIMARY:
-                continue
-            c = float(out.confidence[i])
-            event = FallbackEvent(
-                request_id=out.request_id,
-                sample=i,
-                time_unix=now,
-                served_by=who,
-                reason=why,
-                budget_ms=policy.budget_ms,
-                elapsed_ms=out.latency_ms,
-                stage_ms=list(stage_ms),
-                confidence=None if c != c else c,
-                model_hashes=dict(self.model_hashes),
-                detail=state.detail,
-            )
-            for sink in self.sinks:
-                try:
-                    sink.emit(event)
-                except Exception:  # a broken sink must not break serving; it is counted
-                    with self._lock:
-                        self.sink_errors += 1
+        payload = (out.request_id, time.time(), tuple(out.served_by), tuple(out.reason), out.confidence.tolist(),
+                   policy.budget_ms, out.latency_ms, state.stage_ms_snapshot(), state.detail)
+        inline = [sink for sink in sinks if getattr(sink, "nonblocking", False)]
+        if inline:  # an in-memory list or a queueing sink: in order, on this thread, never blocking
+            deliver(build_events(payload, self.model_hashes), inline, self._count_sink_error)
+        queued = [sink for sink in sinks if not getattr(sink, "nonblocking", False)]
+        if queued:
+            hashes = self.model_hashes
+            self._get_dispatcher(policy).put(lambda: (build_events(payload, hashes), queued))
+
+    def _count_sink_error(self) -> None:
+        with self._lock:
+            self.sink_errors += 1
+
+    def _get_dispatcher(self, policy: Policy) -> EventDispatcher:
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            with self._lock:
+                if self._dispatcher is None:
+                    self._dispatcher = EventDispatcher(policy.event_queue, _SinkErrors(self))
+                    weakref.finalize(self, EventDispatcher.close, self._dispatcher, 0.0).atexit = False
+                dispatcher = self._dispatcher
+        return dispatcher
+
+
+class _SinkErrors:
+    """Counts a sink's failure on its model, through a weak reference (the dispatcher outlives no model)."""
+
+    def __init__(self, model: FallbackModel) -> None:
+        self._model = weakref.ref(model)
+
+    def __call__(self) -> None:
+        model = self._model()
+        if model is not None:
+            model._count_sink_error()
+
+
+def _pool_size(policy: Policy, attr: str) -> int:
+    """Healthy workers of a pool: ``hedge_workers`` primaries; a student per call in flight (made as needed;
+    calls over ``max_concurrency`` need one too)."""
+    return policy.hedge_workers if attr == "_hedger" else STUDENT_WORKERS
 
 
 def _rows(t: torch.Tensor | None, active: torch.Tensor | None) -> torch.Tensor | None:

@@ -105,6 +105,12 @@ class Ticket:
             return None
         return (self.finished_ns - self.submitted_ns) / NS_PER_MS
 
+    def link_cancel(self, event: threading.Event) -> None:
+        """Make ``event`` (the one the task itself checks) this ticket's cancellation flag."""
+        old, self.cancelled = self.cancelled, event
+        if old.is_set():
+            event.set()
+
     def cancel(self) -> None:
         """Ask the task to stop at its next check of :attr:`cancelled`; its result will be discarded."""
         self.cancelled.set()
@@ -167,6 +173,7 @@ class DeadlineWorker:
         self._cond = threading.Condition()
         self._task: tuple[Ticket, Callable[..., Any], tuple, dict, bool, bool, Any] | None = None
         self._busy = False
+        self._current: Ticket | None = None  # the ticket of the task running now
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -177,6 +184,12 @@ class DeadlineWorker:
         with self._cond:
             return self._busy
 
+    @property
+    def stuck(self) -> bool:
+        """Whether the task running now was given up by its caller (timed out and cancelled)."""
+        with self._cond:
+            return self._busy and self._current is not None and self._current.cancelled.is_set()
+
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Ticket | None:
         """Start ``fn(*args, **kwargs)`` now, or return ``None`` at once if busy or closed."""
         with self._cond:
@@ -184,6 +197,7 @@ class DeadlineWorker:
                 return None
             self._busy = True
             ticket = Ticket(self.clock)
+            self._current = ticket
             caller_event = None
             if self.cuda_stream is not None:
                 caller_event = torch.cuda.Event()
@@ -229,10 +243,13 @@ class DeadlineWorker:
                 ticket._finish()
                 with self._cond:
                     self._busy = False
+                    self._current = None
                     idle = getattr(self.clock, "worker_idle", None)
                     if idle is not None:
                         idle(self._thread.ident)
                     self._cond.notify_all()
+            # drop the finished task's references while idle (they would keep its model alive)
+            task = ticket = fn = args = kwargs = caller_event = None  # type: ignore[assignment]
 
     def close(self, timeout_s: float | None = 0.0) -> None:
         """Stop taking work; the thread ends after its current task (joined up to ``timeout_s``)."""
@@ -247,12 +264,14 @@ class Hedger:
     """A small pool of :class:`DeadlineWorker` s, created lazily, with counters.
 
     Args:
-        max_workers: tasks that may run at once; beyond that :meth:`submit` refuses (``None``).
-            A hung task occupies its worker until it returns, so this also bounds the threads a
-            hanging primary can hold.
+        max_workers: healthy tasks that may run at once; beyond that :meth:`submit` refuses (``None``).
         clock: the clock of the deadlines.
         name: thread name prefix.
         cuda_streams: give each worker its own side CUDA stream (needs CUDA).
+        max_stuck: the bulkhead: a worker whose task was cancelled (its caller timed out) is *stuck*
+            until the task returns; the pool grows by up to this many workers beside stuck ones, so
+            stalls do not starve healthy calls. The threads a hanging task can hold are bounded by
+            ``max_workers + max_stuck``.
     """
 
     def __init__(
@@ -261,9 +280,13 @@ class Hedger:
         clock: Clock | None = None,
         name: str = "fallbackformer-hedge",
         cuda_streams: bool = False,
+        max_stuck: int = 0,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"Hedger max_workers must be >= 1; got {max_workers!r}")
+        if max_stuck < 0:
+            raise ValueError(f"Hedger max_stuck must be >= 0; got {max_stuck!r}")
+        self.max_stuck = int(max_stuck)
         if cuda_streams:
             _require_cuda("Hedger(cuda_streams=True)")
         self.max_workers = int(max_workers)
@@ -287,7 +310,10 @@ class Hedger:
                 if ticket is not None:
                     self.submitted += 1
                     return ticket
-            if len(self._workers) < self.max_workers:
+            n = len(self._workers)  # every one of them is busy here
+            if n < self.max_workers or (
+                n < self.max_workers + self.max_stuck and sum(w.stuck for w in self._workers) > n - self.max_workers
+            ):
                 stream = torch.cuda.Stream() if self.cuda_streams else None
                 worker = DeadlineWorker(self.clock, f"{self.name}-{len(self._workers)}", cuda_stream=stream)
                 self._workers.append(worker)
@@ -314,6 +340,21 @@ class Hedger:
                 self.timeouts += 1
         return result
 
+    def shutdown(self, end_monotonic: float) -> None:
+        """Close, cancel the running tasks and join the threads until ``end_monotonic`` (real time).
+
+        Used at interpreter exit: a thread killed inside a torch operator aborts the process.
+        """
+        self.close()
+        with self._lock:
+            workers = list(self._workers)
+        for worker in workers:
+            current = worker._current
+            if current is not None:
+                current.cancel()
+        for worker in workers:
+            worker._thread.join(max(0.0, end_monotonic - time.monotonic()))
+
     def note_timeout(self) -> None:
         """Count a timeout observed by a caller that waited on a ticket itself."""
         with self._lock:
@@ -326,12 +367,13 @@ class Hedger:
             return sum(w.busy for w in self._workers)
 
     def stats(self) -> dict[str, int]:
-        """Counters: submitted, refused (all workers busy), timeouts, workers, busy_workers."""
+        """Counters: submitted, refused (all workers busy), timeouts, workers, busy_workers, stuck."""
         with self._lock:
             workers = list(self._workers)
             out = {"submitted": self.submitted, "refused": self.refused, "timeouts": self.timeouts}
         out["workers"] = len(workers)
         out["busy_workers"] = sum(w.busy for w in workers)
+        out["stuck"] = sum(w.stuck for w in workers)
         return out
 
     def close(self, timeout_s: float | None = 0.0) -> None:

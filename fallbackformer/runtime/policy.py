@@ -12,6 +12,7 @@ INVALID_INPUT_ACTIONS = ("raise", "default")
 DRIFT_ACTIONS = ("alert", "default", "student")
 HEDGE_MODES = ("off", "auto", "always")
 HEDGE_STARTS = ("deferred", "immediate")
+LARGE_BATCH_ACTIONS = ("split", "raise")
 COMPILE_MODES = ("off", "on", "auto")
 
 
@@ -35,24 +36,41 @@ class Policy:
             predicted at 0 ms. Inline calls read them from a plan per batch bucket that is rebuilt
             as soon as a new measurement may raise a p99, and every 64 calls: in between its
             figures are never below the profile's, so admission only errs on the safe side.
-        hedge: the hard deadline. ``"off"``: the primary runs on the calling thread (deadline checks
-            between stages only; a hang holds the call). ``"always"``: the primary runs on a worker
-            thread and the call returns by budget - margin whatever it does (the margin absorbs the
-            return path's jitter). It costs a thread hand-off (about 75 us on the 2-core benchmark
-            machine) and, there, a primary about 30% slower on a worker that wakes on cold caches
-            (BENCHMARKS.md: ``ratio hedged``). ``"auto"``: inline while the predicted slack is
-            comfortable and the primary has not stalled recently, hedged otherwise (so the first
-            stall after a calm period is not bounded; use ``"always"`` where a hang must never hold
-            a call).
+        hedge: the hard deadline. ``"always"`` (the default): the primary runs on a worker thread and
+            the call returns by budget - margin whatever it does, on the first call too and when the
+            primary hangs forever; the student (and the router's student-first pass) runs on a worker
+            as well, so a slow or hanging student makes the default answer (``deadline_exceeded``),
+            and sinks run on a dispatcher thread. No call returns later than the budget plus the
+            return path after the deadline (the margin absorbs it; under 1 ms on an idle machine).
+            It costs a thread hand-off per call (about 75 us on the 2-core benchmark machine; two
+            with a router: the student first, then the primary) and there a primary about 30% slower
+            on a worker that wakes on cold caches (BENCHMARKS.md: ``ratio hedged``). ``"auto"`` (an
+            opt-in for less overhead, accepting the risk): inline while the predicted slack is
+            comfortable and the primary has not stalled recently, hedged otherwise, so a primary that
+            hangs before it ever stalled holds the call (forever if it hangs forever), and the student
+            runs inline. ``"off"``: everything on the calling thread (deadline checks between stages
+            only; a hang holds the call).
         hedge_slack_ms: ``"auto"`` hedges when budget minus the predicted p99 of the whole primary,
             the student and the margin is below this; ``None`` means a quarter of the budget.
         hedge_after_stall_calls: ``"auto"`` hedges this many calls after the primary missed a deadline.
         hedge_student_start: in a hedged call, ``"deferred"`` starts the student only when waiting
-            longer for the primary would leave it no time (deadline - student p99 - margin), so it runs
-            only when needed (at once while the student has never been timed); ``"immediate"`` starts
+            longer for the primary would leave it no time (deadline - student p99 - margin - a hand-off
+            allowance of min(3 ms, budget / 4)), so it runs only when needed (at once while the student has never been timed); ``"immediate"`` starts
             it at once, beside the primary.
-        hedge_workers: primaries that may run at once on workers; when all are busy (stuck), a call
-            does not queue behind them: it falls back at once (reason ``deadline_predicted``).
+        hedge_workers: primaries (and, separately, students) that may run at once on healthy workers.
+        hedge_max_stuck: the bulkhead: a worker whose call has already answered without it (its task
+            timed out) is *stuck*; the pool grows by up to this many workers beside stuck ones, so
+            healthy calls are not starved by stalls (``stats()["hedge"]["stuck"]`` counts them).
+            Beyond that a call does not queue: it falls back at once (reason ``deadline_predicted``).
+        max_concurrency: calls that may be in flight at once on this model (they share the same
+            cores); the excess is served by the student at once (reason ``deadline_predicted``, detail
+            ``over max_concurrency``). ``None``: no limit.
+        max_batch: the largest batch served as one; ``None``: no limit.
+        on_large_batch: a batch over ``max_batch`` is ``"split"`` into chunks served one after the
+            other under the one deadline (later chunks fall back when time runs out), or refused with
+            a ``ValueError`` (``"raise"``).
+        event_queue: events waiting for the sinks that run on the dispatcher thread; a full queue
+            drops the event and counts it (``stats()["events_dropped"]``), never blocks a call.
         breaker: a :class:`~fallbackformer.runtime.breaker.BreakerConfig` (or its dict) to put a
             circuit breaker in front of the primary (reason ``breaker_open``); ``None`` for none.
         rollback: the rollback switch: the breaker is forced open and every call is served by the
@@ -86,11 +104,16 @@ class Policy:
     on_invalid_input: str = "raise"
     margin_ms: float = 0.5
     admission: bool = True
-    hedge: str = "auto"
+    hedge: str = "always"
     hedge_slack_ms: float | None = None
     hedge_after_stall_calls: int = 100
     hedge_student_start: str = "deferred"
     hedge_workers: int = 2
+    hedge_max_stuck: int = 16
+    max_concurrency: int | None = None
+    max_batch: int | None = None
+    on_large_batch: str = "split"
+    event_queue: int = 1024
     breaker: BreakerConfig | None = None
     rollback: bool = False
     compile: str = "off"
@@ -121,6 +144,7 @@ class Policy:
             ("hedge_student_start", HEDGE_STARTS),
             ("compile", COMPILE_MODES),
             ("on_drift", DRIFT_ACTIONS),
+            ("on_large_batch", LARGE_BATCH_ACTIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Policy.{name}={getattr(self, name)!r}; use one of {allowed}")
@@ -129,11 +153,15 @@ class Policy:
         if not 0.0 < self.drift_level < 1.0:
             raise ValueError(f"Policy.drift_level must lie in (0, 1); got {self.drift_level!r}")
         for name in ("hedge_after_stall_calls", "hedge_workers", "latency_window", "probe_every",
-                     "drift_window", "drift_check_every", "drift_horizon"):
+                     "drift_window", "drift_check_every", "drift_horizon", "hedge_max_stuck", "event_queue"):
             v = getattr(self, name)
-            minimum = 0 if name in ("hedge_after_stall_calls", "probe_every") else 1
+            minimum = 0 if name in ("hedge_after_stall_calls", "probe_every", "hedge_max_stuck") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
                 raise ValueError(f"Policy.{name} must be an int >= {minimum}; got {v!r}")
+        for name in ("max_concurrency", "max_batch"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"Policy.{name} must be an int >= 1, or None for no limit; got {v!r}")
         if isinstance(self.breaker, Mapping):  # from a manifest or a Hydra config
             self.breaker = BreakerConfig.from_dict(dict(self.breaker))
         if self.breaker is not None and not isinstance(self.breaker, BreakerConfig):

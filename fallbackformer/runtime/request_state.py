@@ -30,7 +30,7 @@ class RequestState:
     __slots__ = (
         "b", "start_ns", "deadline_ns", "served_by", "n_served", "reason", "parts", "timings", "detail",
         "outcome", "num_classes", "probe", "primary_ms", "shared", "frozen", "student_done", "drift_scores", "lock",
-        "seq", "live", "student_logits", "router_rejected",
+        "seq", "live", "student_logits", "router_rejected", "student_late",
     )
 
     def __init__(
@@ -59,6 +59,7 @@ class RequestState:
         self.lock = threading.Lock()
         self.student_logits: torch.Tensor | None = None  # [B, C], computed first when a router decides
         self.router_rejected: torch.Tensor | None = None  # rows the router sent to the default after the final head
+        self.student_late = False  # the student did not answer by the deadline: the default serves
 
     # -- writes (the worker's are ignored once frozen) ----------------------------------------
     def freeze(self) -> None:

@@ -183,10 +183,10 @@ class SteppingClock:
 
 def test_over_budget_goes_to_student_with_deadline_exceeded():
     primary = ff.MultiExitNet([nn.Identity(), nn.Identity(), nn.Identity()], {0: Const(1, sharp=0.0), 2: Const(2)})
-    model = ff.FallbackModel(primary, Const(0), [gate(0.9), gate(0.5), gate(0.5)], ff.Policy(budget_ms=3.0),
-                             clock=SteppingClock(1.0))
+    model = ff.FallbackModel(primary, Const(0), [gate(0.9), gate(0.5), gate(0.5)],
+                             ff.Policy(budget_ms=3.0, hedge="off"), clock=SteppingClock(1.0))  # the inline checks
     out = model(torch.zeros(2, 4))
     assert out.served_by == ["student"] * 2 and out.reason == ["deadline_exceeded"] * 2
     # a generous budget: the primary serves
-    model.policy = ff.Policy(budget_ms=1000.0)
+    model.policy = ff.Policy(budget_ms=1000.0, hedge="off")
     assert model(torch.zeros(2, 4)).served_by == ["primary"] * 2

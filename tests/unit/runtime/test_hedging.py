@@ -46,7 +46,7 @@ def test_timeout_at_the_deadline_then_busy_then_free_again(clock: FakeClock) -> 
     clock.advance(25)  # the stalled call finishes
     third = hedger.run(slow, clock.now_ns() + 5 * MS, torch.ones(1))
     assert third.status == HedgeStatus.OK
-    assert hedger.stats() == {"submitted": 2, "refused": 1, "timeouts": 1, "workers": 1, "busy_workers": 0}
+    assert hedger.stats() == {"submitted": 2, "refused": 1, "timeouts": 1, "workers": 1, "busy_workers": 0, "stuck": 0}
     hedger.close()
 
 
