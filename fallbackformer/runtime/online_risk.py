@@ -15,9 +15,17 @@ for every sequence of inputs and labels, drift included,
 
     (1/T) sum_t err_t <= alpha + (s_max + eta - lambda_0) / (eta * T).
 
-The threshold is capped at ``max_threshold`` (1 for probabilities): the controller steps only on
-answered labels, so a threshold above every score would stop answering for good; at the cap only the
-answers whose confidence is 1 in float are served, and the bound holds up to those answers' errors.
+Liveness: the controller steps only on answered labels, so a threshold above every score (the
+gates' calibrated max-softmax saturates at exactly 1 in float32, wrong answers included, under harsh
+shift) would stop answering for good. After ``probe_after`` labelled requests in a row served by the
+default... more precisely: after ``probe_after`` labelled requests while a threshold stays above
+``probe_threshold`` (1, above which nothing answers), it is put just below it, at
+``probe_threshold - probe_step`` (a probe). The wait doubles after each probe of that threshold (it goes
+back to ``probe_after`` once the threshold has stayed at or below ``probe_threshold`` for
+``probe_after`` labelled requests), so a shift that lasts costs only logarithmically many probes. A probe
+lowers ``lambda`` by at most ``eta + probe_step``, so each adds at most ``1 + probe_step / eta``
+errors to the bound's numerator; the
+probes are counted in the state.
 With ``tighten_only`` (the default) ``lambda`` is clamped at the calibrated threshold from below;
 the clamp only removes errors, so the bound still holds (the controller never serves more than
 calibration certified). Targets: the router's one ``threshold`` when a router decides, else each
@@ -53,9 +61,10 @@ class FeedbackConfig:
         alpha: the target error rate among answered requests; ``None`` takes each target's certified
             ``alpha`` (the router's, or each gate's guarantee).
         eta: step size (score units); larger adapts faster with a larger transient.
-        max_threshold: the highest threshold (1.0: confidences are probabilities; a threshold of 1
-            still serves the answers whose confidence rounds to 1, so the controller never stops
-            answering for good, since it only steps on answered labels); ``None``: unbounded.
+        probe_after: labelled requests after which a threshold that stayed above ``probe_threshold``
+            all along is lowered to ``probe_threshold - probe_step`` (0: never probe).
+        probe_threshold: the score above which nothing answers (1 for probabilities).
+        probe_step: how far below ``probe_threshold`` a probe puts a threshold.
         tighten_only: never lower a threshold below its calibrated value (the policy must say
             otherwise explicitly: ``False`` lets the controller loosen it when answers are right).
         capacity: answered requests remembered for feedback (older ids expire).
@@ -63,8 +72,10 @@ class FeedbackConfig:
     """
 
     alpha: float | None = None
-    eta: float = 0.01
-    max_threshold: float | None = 1.0
+    eta: float = 0.1
+    probe_after: int = 200
+    probe_threshold: float = 1.0
+    probe_step: float = 0.01
     tighten_only: bool = True
     capacity: int = 20000
     window: int = 500
@@ -73,11 +84,11 @@ class FeedbackConfig:
         if self.alpha is not None and not 0.0 < self.alpha < 1.0:
             raise ValueError(f"FeedbackConfig.alpha={self.alpha!r}; use a rate in (0, 1) or None for the certified alpha")
         if not self.eta > 0:
-            raise ValueError(f"FeedbackConfig.eta={self.eta!r}; use a step > 0 (e.g. 0.01)")
-        for name in ("capacity", "window"):
+            raise ValueError(f"FeedbackConfig.eta={self.eta!r}; use a step > 0 (e.g. 0.1)")
+        for name in ("capacity", "window", "probe_after"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"FeedbackConfig.{name}={v!r}; use an int >= 1")
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "probe_after" else 1):
+                raise ValueError(f"FeedbackConfig.{name}={v!r}; use an int >= 1 (probe_after: >= 0)")
 
 
 @dataclass
@@ -100,6 +111,9 @@ class _Target:
         self.lam = self.calibrated
         self.n = 0
         self.errors = 0
+        self.above = 0  # labelled requests since the threshold rose above the probe threshold
+        self.below = 0  # labelled requests since it last came back to or below it
+        self.wait = 0  # labelled requests above it before the next probe (0: not yet set)
 
     def state(self) -> dict[str, Any]:
         return {"lambda": self.lam, "calibrated": self.calibrated, "alpha": self.alpha, "n_labels": self.n,
@@ -137,7 +151,7 @@ class OnlineRiskController:
         self._conf: deque[float] = deque(maxlen=self.config.window)  # answered confidences (label-free)
         self._recent_err: deque[int] = deque(maxlen=self.config.window)  # labelled answered: wrong?
         self.counts = {"remembered": 0, "expired": 0, "unknown": 0, "duplicate": 0, "bad_label": 0,
-                       "labels": 0, "labelled_answered": 0, "labelled_errors": 0}
+                       "labels": 0, "labelled_answered": 0, "labelled_errors": 0, "probes": 0}
         self.last_message = ""
 
     @classmethod
@@ -215,6 +229,8 @@ class OnlineRiskController:
                 result.labelled += 1
                 self.counts["labels"] += 1
                 who = served[i]
+                if self.config.probe_after:
+                    self._probe()
                 if who == R.DEFAULT:
                     continue  # not an answer: the risk among answered is unaffected
                 err = int(preds[i] != y)
@@ -237,13 +253,32 @@ class OnlineRiskController:
         t.n += 1
         t.errors += err
         lam = t.lam + self.config.eta * (err - t.alpha)
-        if self.config.max_threshold is not None:
-            lam = min(lam, max(self.config.max_threshold, t.calibrated))
         if self.config.tighten_only:
             lam = max(lam, t.calibrated)
         t.lam = lam
         with torch.no_grad():
             t.buffer.fill_(lam)
+
+    def _probe(self) -> None:
+        """Count a labelled request for each threshold; probe those above the probe threshold long enough."""
+        cfg = self.config
+        for t in self.targets.values():
+            if not t.wait:
+                t.wait = cfg.probe_after
+            if t.lam <= max(cfg.probe_threshold, t.calibrated):
+                t.above = 0
+                t.below += 1
+                if t.below >= cfg.probe_after:
+                    t.wait = cfg.probe_after  # recovered: probes are cheap again
+                continue
+            t.below = 0
+            t.above += 1
+            if t.above >= t.wait:
+                floor = max(cfg.probe_threshold - cfg.probe_step, t.calibrated)
+                t.lam, t.above, t.wait = floor, 0, 2 * t.wait
+                self.counts["probes"] += 1
+                with torch.no_grad():
+                    t.buffer.fill_(floor)
 
     def reset(self) -> None:
         """Put every threshold back to its calibrated value and forget the controller's state."""

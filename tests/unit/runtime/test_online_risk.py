@@ -29,7 +29,8 @@ def _stream(ctl: OnlineRiskController, buf: torch.Tensor, n: int, shifted: bool,
 def test_controller_keeps_error_among_answered_at_alpha_after_a_shift() -> None:
     gen = torch.Generator().manual_seed(0)
     buf = torch.tensor(0.9)  # the calibrated threshold: fine on clean data, far too loose after the shift
-    ctl = OnlineRiskController({"primary": buf}, {"primary": 0.05}, FeedbackConfig(), routed=False)
+    # a step suited to scores spread over [0.9, 1) (the default 0.1 suits the gates' saturating softmax)
+    ctl = OnlineRiskController({"primary": buf}, {"primary": 0.05}, FeedbackConfig(eta=0.02), routed=False)
     _stream(ctl, buf, 500, False, gen)
     answered, wrong = _stream(ctl, buf, 3000, True, gen, start=500)
     st = ctl.state()
