@@ -121,3 +121,26 @@ def test_label_free_estimate_tracks_accuracy_on_clean(bundle, test_split) -> Non
     a, w = _serve(model, x, y, label=False)
     est = gov.controller.label_free_accuracy()
     assert abs(est - (1 - w / a)) < 0.05
+
+
+def test_caller_slices_reach_the_disparity_monitor(bundle, test_split) -> None:
+    """Site b's client sends a third of its images out of range: the safe default serves those
+    (``invalid_input``), site b's fallback rate leaves site a's behind, and the monitor names it."""
+    import dataclasses
+
+    x, y = test_split
+    model = _fresh(bundle, policy=dataclasses.replace(bundle.policy, on_invalid_input="default"))
+    gov = govern(model, window=400, check_every=100, slice_min_answers=40)
+    broken = x.clone()
+    broken[::3] = broken[::3] * 3 + 1  # out of the input spec's 0..16 range
+    fired = []
+    g = torch.Generator().manual_seed(0)
+    for t in range(800):
+        i = int(torch.randint(0, len(y), (1,), generator=g))
+        site_b = t % 4 == 0
+        out = model((broken if site_b else x)[i:i + 1])
+        assert model.observe_slices(out.request_id, "site=b" if site_b else "site=a")
+        fired += out.signals
+    assert "slice_disparity" in fired
+    worst = gov.stats()["monitors"]["slices"]["worst"]
+    assert worst["slice"] == "site=b", worst
