@@ -36,6 +36,13 @@ def load(path, backend: str = "torch", **kwargs) -> FallbackModel:
     return _load(path, backend=backend, **kwargs)
 
 
+def govern(model: FallbackModel, **kwargs):
+    """Attach feedback, online risk control and the monitors (see :func:`fallbackformer.governance.governor.govern`)."""
+    from fallbackformer.governance.governor import govern as _govern
+
+    return _govern(model, **kwargs)
+
+
 def export_onnx(model: FallbackModel, path, **kwargs):
     """Export the combined model to ONNX (see :func:`fallbackformer.export.onnx_export.export_onnx`)."""
     from fallbackformer.export.onnx_export import export_onnx as _export_onnx
@@ -63,6 +70,7 @@ __all__ = [
     "create_model",
     "export_onnx",
     "export_triton",
+    "govern",
     "list_models",
     "load",
     "register_model",
