@@ -50,6 +50,13 @@ def calibrate(primary: MultiExitNet, student, calib_loader, alpha=0.05, delta: f
     return _calibrate(primary, student, calib_loader, alpha=alpha, delta=delta, **kwargs)
 
 
+def govern(model: FallbackModel, **kwargs):
+    """Attach feedback, online risk control and the monitors (see :func:`fallbackformer.governance.governor.govern`)."""
+    from fallbackformer.governance.governor import govern as _govern
+
+    return _govern(model, **kwargs)
+
+
 def export_onnx(model: FallbackModel, path, **kwargs):
     """Export the combined model to ONNX (see :func:`fallbackformer.export.onnx_export.export_onnx`)."""
     from fallbackformer.export.onnx_export import export_onnx as _export_onnx
@@ -79,6 +86,7 @@ __all__ = [
     "distill",
     "export_onnx",
     "export_triton",
+    "govern",
     "list_models",
     "load",
     "register_model",

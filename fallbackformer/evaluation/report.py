@@ -20,6 +20,7 @@ from typing import Any
 
 from fallbackformer.evaluation import plots as P
 from fallbackformer.evaluation.containers import CLEAN, Evaluation, json_safe
+from fallbackformer.evaluation.governance_report import governance_section
 from fallbackformer.evaluation.report_figures import HEADLINE_FIGURE, make_figures
 from fallbackformer.evaluation.report_tables import (
     ce_rows,
@@ -86,6 +87,7 @@ def render_markdown(ev: Evaluation, title: str, figure_files: Mapping[str, str] 
     parts += ["", f"## Slices ({base})", "", md_table(slice_rows(ev, base)), "", "Largest disparity per set:", "",
               md_table(disparity_rows(ev))]
     parts += ["", f"## References ({base})", "", md_table(oracle_rows(ev, base))]
+    parts += governance_section(extra)  # monitors and online risk control (issue 14), when passed
     if figure_files:
         parts += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in figure_files.items()]
     parts += ["", "## Definitions", "", _DEFINITIONS_MD]

@@ -55,7 +55,7 @@ def _shutdown_all() -> None:
 
 def build_events(payload: tuple[Any, ...], model_hashes: dict[str, str]) -> list[FallbackEvent]:
     """The events of one call from its payload (see :meth:`FallbackModel._record`)."""
-    request_id, now, served_by, reason, confidence, budget_ms, elapsed_ms, stage_ms, detail = payload
+    request_id, now, served_by, reason, confidence, budget_ms, elapsed_ms, stage_ms, detail, governance = payload
     events = []
     for i, (who, why) in enumerate(zip(served_by, reason)):
         if who == "primary":
@@ -64,7 +64,7 @@ def build_events(payload: tuple[Any, ...], model_hashes: dict[str, str]) -> list
         events.append(FallbackEvent(
             request_id=request_id, sample=i, time_unix=now, served_by=who, reason=why, budget_ms=budget_ms,
             elapsed_ms=elapsed_ms, stage_ms=list(stage_ms), confidence=None if c != c else c,
-            model_hashes=dict(model_hashes), detail=detail,
+            model_hashes=dict(model_hashes), detail=detail, governance=governance,
         ))
     return events
 

@@ -21,6 +21,9 @@ class FallbackEvent:
         confidence: the calibrated score of the serving path (None for the default).
         model_hashes: digests of the models (set by a loaded bundle), for the audit trail.
         detail: a short machine-readable detail (an exception's type, say); never the reason.
+        governance: the online risk controller's state when the call was answered (lambda per
+            threshold, error rate among labelled answers, labels taken, label-free accuracy); empty
+            without a governor.
     """
 
     request_id: str
@@ -34,6 +37,7 @@ class FallbackEvent:
     confidence: float | None = None
     model_hashes: dict[str, str] = field(default_factory=dict)
     detail: str = ""
+    governance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -189,6 +189,9 @@ class FallbackModel(nn.Module):
         self._head_units = {s: f"head_{s}" for s in primary.exit_stages}
         self._eager_units()
         self._sync()
+        # --- governance hook (issue 14): feedback, online risk control, monitors. Attach with
+        # fallbackformer.governance.governor.govern(model); None: off. Duck-typed: no import here.
+        self.governor: Any = None
 
     # ------------------------------------------------------------------ public
 
@@ -258,6 +261,13 @@ class FallbackModel(nn.Module):
             out = state.output(latency_ms, f"{self._id_prefix}-{seq}", self._default_prediction(policy), x.device)
             if policy.drift_check and state.drift_scores is not None:
                 self._check_drift(out, state.drift_scores, policy)
+            governor = self.governor
+            if governor is not None:  # --- governance hook (issue 14): remember for feedback, feed the monitors
+                fired = governor.after_answer(out, list(state.timings))
+                if fired:
+                    out.signals.extend(fired)
+                    with self._lock:
+                        self.signal_counts.update(fired)
         self._record(out, state, policy)
         return out
 
@@ -356,7 +366,30 @@ class FallbackModel(nn.Module):
             out["student_hedge"] = self._student_hedger.stats()
         if self.breaker is not None:
             out["breaker"] = self.breaker.metrics()
+        if self.governor is not None:  # --- governance hook (issue 14)
+            out["governance"] = self.governor.stats()
         return out
+
+    # --- governance hooks (issue 14): delegate to self.governor (fallbackformer.governance.governor)
+
+    def feedback(self, request_id: str, label: Any, sample: int | None = None) -> Any:
+        """A delayed (and possibly sampled) label for an answer already given; see ``Governor.feedback``.
+
+        Never raises: an unknown or expired id, or no governor attached, is counted and described in
+        the returned result's ``message`` (and ``stats()["governance"]``).
+        """
+        governor = self.governor
+        if governor is None:
+            from types import SimpleNamespace
+
+            return SimpleNamespace(accepted=False, message="no governor attached: call "
+                                   "fallbackformer.governance.governor.govern(model) before serving")
+        return governor.feedback(request_id, label, sample)
+
+    def observe_slices(self, request_id: str, keys: Any) -> bool:
+        """Slice keys (``"family=value"``) of a call's samples for the slice-disparity monitor."""
+        governor = self.governor
+        return False if governor is None else governor.observe_slices(request_id, keys)
 
     def rebuild(self, **changes: Any) -> "FallbackModel":
         """A new model sharing this one's modules, gates, router, input spec and class names.
@@ -980,8 +1013,9 @@ class FallbackModel(nn.Module):
         sinks = self.sinks
         if not sinks or all(who == R.PRIMARY for who in out.served_by):
             return
+        governance = self.governor.event_state() if self.governor is not None else {}  # (issue 14)
         payload = (out.request_id, time.time(), tuple(out.served_by), tuple(out.reason), out.confidence.tolist(),
-                   policy.budget_ms, out.latency_ms, state.stage_ms_snapshot(), state.detail)
+                   policy.budget_ms, out.latency_ms, state.stage_ms_snapshot(), state.detail, governance)
         inline = [sink for sink in sinks if getattr(sink, "nonblocking", False)]
         if inline:  # an in-memory list or a queueing sink: in order, on this thread, never blocking
             deliver(build_events(payload, self.model_hashes), inline, self._count_sink_error)

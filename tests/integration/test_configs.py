@@ -46,7 +46,7 @@ def _instantiate_all(cfg: DictConfig) -> list[str]:
 
 
 # Values a user must give on the command line (``???``), with a stand-in for this test.
-REQUIRED = {"bundle": "checkpoints/digits"}
+REQUIRED = {"bundle": "checkpoints/digits", "current": "checkpoints/digits", "candidate": "checkpoints/digits"}
 
 
 @pytest.mark.parametrize("name", PRIMARY_CONFIGS)

@@ -33,7 +33,7 @@ def test_a_model_writes_one_line_per_fallback_answer(tmp_path: Path) -> None:
     assert r["stage_ms"] == [1.0, 30.0] and r["model_hashes"] == {"primary": "sha256:abc"}
     assert set(r) == {
         "request_id", "sample", "time_unix", "served_by", "reason", "budget_ms", "elapsed_ms",
-        "stage_ms", "confidence", "model_hashes", "detail",
+        "stage_ms", "confidence", "model_hashes", "detail", "governance",
         "seq", "prev_hash", "hash", "policy_digest",  # the audit chain (monitoring/audit_chain.py)
     }
 
