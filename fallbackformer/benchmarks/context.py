@@ -140,7 +140,13 @@ def fit_system_router(cfg: Any, system: dict[str, Any]) -> tuple[Any, dict[str, 
                              for k, v in items.items() if k != "_target_"})
     from hydra.utils import instantiate
 
-    suite = instantiate(get(cfg, "shift"))  # the corruptions come from the configured suite
+    node = get(cfg, "shift")
+    if node is not None:  # the corruptions come from the configured suite
+        suite = instantiate(node)
+    else:  # none configured: the digits suite that ships with the package
+        from fallbackformer.data.shift import ShiftSuite
+
+        suite = ShiftSuite()
     primary, student = system["primary"], system["student"]
     num_classes = int(get(cfg, "num_classes", 0)) or int(primary(system["splits"]["test"][0][:1])[-1].shape[1])
     router, report = fit_router(primary, student, system["splits"], config, suite, num_classes)

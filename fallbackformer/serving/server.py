@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import dataclasses
 import logging
 from pathlib import Path
@@ -57,7 +59,10 @@ def build_server(cfg: Any) -> ModelServer:
     if items.get("warm_up_batch_sizes") is not None:
         items["warm_up_batch_sizes"] = [int(b) for b in items["warm_up_batch_sizes"]]
     settings = ServeSettings(**items)
-    name = _get(cfg, "name") or Path(str(bundle)).resolve().name
+    folder = Path(os.path.abspath(str(bundle)))  # (not resolve(): a bundle is a symlink to its version folder)
+    if folder.name == "manifest.json":
+        folder = folder.parent
+    name = _get(cfg, "name") or folder.name
     return ModelServer(model, str(name), settings)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -26,7 +28,8 @@ def test_split() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fresh(bundle: ff.FallbackModel, **kw) -> ff.FallbackModel:
-    model = bundle.rebuild(gates={n: _copy_gate(bundle.gates[n]) for n in bundle.path_names}, **kw)
+    router = copy.deepcopy(bundle.router) if bundle.router is not None else None  # own threshold buffer too
+    model = bundle.rebuild(gates={n: _copy_gate(bundle.gates[n]) for n in bundle.path_names}, router=router, **kw)
     model.bundle_manifest = bundle.bundle_manifest
     return model
 
@@ -63,7 +66,8 @@ def test_online_risk_control_on_held_out_shift_keeps_error_near_alpha(bundle, te
     assert abs(fb["error_rate"] - (w1 + w2) / (a1 + a2)) < 1e-9
     # the thresholds in force are the buffers that save/ONNX read
     for name, t in fb["targets"].items():
-        assert float(model.gates[name].threshold) == pytest.approx(t["lambda"], abs=1e-6)
+        buffer = model.router.threshold if name == "router" else model.gates[name].threshold
+        assert float(buffer) == pytest.approx(t["lambda"], abs=1e-6)
     # and the same stream without the controller breaks it
     static = _fresh(bundle)
     govern(static, feedback=False)

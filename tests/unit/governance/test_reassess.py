@@ -28,9 +28,13 @@ def sets() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def degraded_dir(tmp_path_factory) -> Path:
-    """The shipped bundle with exit_1's gate opened (threshold 0: it answers everything), re-saved."""
+    """The shipped bundle opened up (its router's threshold, or exit_1's gate, at 0: it answers everything), re-saved."""
     model = ff.load(BUNDLE)
-    model.gates["exit_1"].threshold.fill_(0.0)
+    if model.router is not None:
+        model.router.threshold.fill_(0.0)
+        model.router.exit_floor = 0.0
+    else:
+        model.gates["exit_1"].threshold.fill_(0.0)
     man = model.bundle_manifest
     return ff.save(model, tmp_path_factory.mktemp("cand") / "bad", evaluation=man["evaluation"],
                    degradation=man["degradation"])
