@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from fallbackformer.data.splits import SPLIT_NAMES, SplitFractions, stratified_split_indices
+from fallbackformer.data.split_datamodule import SplitDataModule
+from fallbackformer.data.splits import SplitFractions, stratified_split_indices
 from fallbackformer.data.tabular_shift import TabularShiftSuite
 from fallbackformer.runtime.validation import InputSpec
 
@@ -53,7 +52,7 @@ def load_breast_cancer_splits(seed: int = 0, fractions: SplitFractions | None = 
             for name, idx in stratified_split_indices(y, seed, fractions or SplitFractions()).items()}
 
 
-class BreastCancerDataModule(L.LightningDataModule):
+class BreastCancerDataModule(SplitDataModule):
     """Breast cancer splits as dataloaders (a :class:`~fallbackformer.data.protocol.DataSource`).
 
     Args:
@@ -62,46 +61,14 @@ class BreastCancerDataModule(L.LightningDataModule):
         fractions: split fractions.
     """
 
+    INPUT_SPEC = INPUT_SPEC  # the raw input: [30] float32, unscaled
+    CLASS_NAMES = tuple(CLASS_NAMES)  # "malignant", "benign"
+
     def __init__(self, seed: int = 0, batch_size: int = 32, fractions: SplitFractions | None = None) -> None:
-        super().__init__()
-        self.seed, self.batch_size = seed, batch_size
-        self.fractions = fractions or SplitFractions()
-        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        super().__init__(seed, batch_size, fractions)
 
-    @property
-    def input_spec(self) -> InputSpec:
-        """The raw input: ``[30]`` float32, unscaled."""
-        return INPUT_SPEC
-
-    @property
-    def class_names(self) -> list[str]:
-        """``["malignant", "benign"]``."""
-        return list(CLASS_NAMES)
-
-    @property
-    def num_classes(self) -> int:
-        """2."""
-        return len(CLASS_NAMES)
-
-    def setup(self, stage: str | None = None) -> None:
-        if not self.splits:
-            self.splits = load_breast_cancer_splits(self.seed, self.fractions)
-            assert tuple(self.splits) == SPLIT_NAMES
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        x, y = self.splits[name]
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=shuffle, generator=gen)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return load_breast_cancer_splits(self.seed, self.fractions)
 
 
 def breast_cancer_shift_suite(

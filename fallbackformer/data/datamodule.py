@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from fallbackformer.data.digits import CLASS_NAMES, INPUT_SPEC, SplitFractions, load_digits_splits
-from fallbackformer.runtime.validation import InputSpec
+from fallbackformer.data.split_datamodule import SplitDataModule
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """Digits splits as dataloaders; the raw images (0..16) go to the models unchanged.
 
     Args:
@@ -21,6 +19,9 @@ class DigitsDataModule(L.LightningDataModule):
             (a light augmentation; the models are translation-sensitive on 8x8 inputs).
     """
 
+    INPUT_SPEC = INPUT_SPEC  # the raw input: [1, 8, 8] float32 in 0..16
+    CLASS_NAMES = tuple(CLASS_NAMES)  # "0" .. "9"
+
     def __init__(
         self,
         seed: int = 0,
@@ -28,44 +29,11 @@ class DigitsDataModule(L.LightningDataModule):
         fractions: SplitFractions | None = None,
         augment_shift: int = 1,
     ) -> None:
-        super().__init__()
-        self.seed, self.batch_size, self.augment_shift = seed, batch_size, augment_shift
-        self.fractions = fractions or SplitFractions()
-        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        super().__init__(seed, batch_size, fractions)
+        self.augment_shift = augment_shift
 
-    @property
-    def input_spec(self) -> InputSpec:
-        """The raw input: ``[1, 8, 8]`` float32 in 0..16."""
-        return INPUT_SPEC
-
-    @property
-    def class_names(self) -> list[str]:
-        """``["0", ..., "9"]``."""
-        return list(CLASS_NAMES)
-
-    @property
-    def num_classes(self) -> int:
-        """10."""
-        return len(CLASS_NAMES)
-
-    def setup(self, stage: str | None = None) -> None:
-        if not self.splits:
-            self.splits = load_digits_splits(self.seed, self.fractions)
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        x, y = self.splits[name]
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=shuffle, generator=gen)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return load_digits_splits(self.seed, self.fractions)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch

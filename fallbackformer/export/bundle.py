@@ -54,7 +54,7 @@ from torch import nn
 
 from fallbackformer.export import bundle_io
 from fallbackformer.export.manifest import (
-    _PARSE_ERRORS,
+    PARSE_ERRORS,
     DIGEST_FIELD,
     FORMAT,
     FORMAT_VERSION,
@@ -398,7 +398,7 @@ def _build_model(entry: ModelEntry, role: str, path: Path) -> nn.Module:
             f"here ({str(exc.args[0] if exc.args else exc)[:200]}); import the module that registers it with "
             "fallbackformer.register_model before ff.load"
         ) from None
-    except (*_PARSE_ERRORS, RuntimeError, NotImplementedError) as exc:
+    except (*PARSE_ERRORS, RuntimeError, NotImplementedError) as exc:
         raise BundleError(
             f"{fld}.registry_kwargs {entry.registry_kwargs!r:.120} cannot build {entry.registry_name!r:.80} "
             f"({type(exc).__name__}: {str(exc)[:200]}); restore the original manifest, or re-save the bundle"

@@ -46,7 +46,7 @@ DIGEST_FIELD = "manifest_sha256"
 MIGRATE_COMMAND = "python -m fallbackformer.export.migrate"
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 ROLES = ("primary", "student")
-_PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError)
+PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError)
 
 
 class BundleError(ValueError):
@@ -246,7 +246,7 @@ def _call(ctx: _Ctx, fld: str, fn: Callable[[Any], Any], content: Any) -> Any:
         return fn(content)
     except BundleError:
         raise
-    except _PARSE_ERRORS as exc:
+    except PARSE_ERRORS as exc:
         raise ctx.fail(fld, f"cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
