@@ -63,12 +63,10 @@ class BreastCancerDataModule(SplitDataModule):
 
     INPUT_SPEC = INPUT_SPEC  # the raw input: [30] float32, unscaled
     CLASS_NAMES = tuple(CLASS_NAMES)  # "malignant", "benign"
+    LOAD_SPLITS = staticmethod(load_breast_cancer_splits)
 
     def __init__(self, seed: int = 0, batch_size: int = 32, fractions: SplitFractions | None = None) -> None:
         super().__init__(seed, batch_size, fractions)
-
-    def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return load_breast_cancer_splits(self.seed, self.fractions)
 
 
 def breast_cancer_shift_suite(

@@ -21,6 +21,7 @@ class DigitsDataModule(SplitDataModule):
 
     INPUT_SPEC = INPUT_SPEC  # the raw input: [1, 8, 8] float32 in 0..16
     CLASS_NAMES = tuple(CLASS_NAMES)  # "0" .. "9"
+    LOAD_SPLITS = staticmethod(load_digits_splits)
 
     def __init__(
         self,
@@ -31,9 +32,6 @@ class DigitsDataModule(SplitDataModule):
     ) -> None:
         super().__init__(seed, batch_size, fractions)
         self.augment_shift = augment_shift
-
-    def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return load_digits_splits(self.seed, self.fractions)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch

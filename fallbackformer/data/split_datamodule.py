@@ -1,11 +1,13 @@
 """The LightningDataModule every embedded dataset shares: seeded splits served as dataloaders.
 
-A dataset names its raw input (``input_spec``), its classes (``class_names``) and how its four
-splits are made (:meth:`SplitDataModule.load_splits`); everything else (setup, seeded loaders) is here
-once, so the datasets differ only in what is theirs.
+A dataset names its raw input (``INPUT_SPEC``), its classes (``CLASS_NAMES``) and the function that
+makes its four splits (``LOAD_SPLITS(seed, fractions)``); everything else (setup, seeded loaders) is
+here once, so the datasets differ only in what is theirs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -28,20 +30,19 @@ class SplitDataModule(L.LightningDataModule):
     Attributes:
         INPUT_SPEC: the raw input a model reads (set by each dataset).
         CLASS_NAMES: the classes, in label order (set by each dataset).
+        LOAD_SPLITS: ``(seed, fractions) -> {split: (x, y)}`` for every name in ``SPLIT_NAMES``
+            (a ``staticmethod``, set by each dataset).
     """
 
     INPUT_SPEC: InputSpec
     CLASS_NAMES: tuple[str, ...]
+    LOAD_SPLITS: Callable[[int, SplitFractions], dict[str, tuple[torch.Tensor, torch.Tensor]]]
 
     def __init__(self, seed: int = 0, batch_size: int = 64, fractions: SplitFractions | None = None) -> None:
         super().__init__()
         self.seed, self.batch_size = seed, batch_size
         self.fractions = fractions or SplitFractions()
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{split: (x, y)}`` for :data:`~fallbackformer.data.splits.SPLIT_NAMES` (each dataset's own)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement load_splits()")
 
     @property
     def input_spec(self) -> InputSpec:
@@ -60,9 +61,9 @@ class SplitDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
-            splits = self.load_splits()
+            splits = type(self).LOAD_SPLITS(self.seed, self.fractions)
             if tuple(splits) != SPLIT_NAMES:
-                raise ValueError(f"{type(self).__name__}.load_splits() returned {tuple(splits)}; expected {SPLIT_NAMES}")
+                raise ValueError(f"{type(self).__name__}.LOAD_SPLITS returned {tuple(splits)}; expected {SPLIT_NAMES}")
             self.splits = splits
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
