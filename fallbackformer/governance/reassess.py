@@ -144,10 +144,7 @@ def reassess(current: Any, candidate: Any, sets: Mapping[str, tuple[Tensor, Tens
     check("guarantee_sets", cand["guarantee_sets_held"] >= cur["guarantee_sets_held"],
           f"the guarantee holds on {cand['guarantee_sets_held']} of {cand['n_sets']} sets, "
           f"the current bundle's on {cur['guarantee_sets_held']}")
-    for where, c in cand["silent_error"].items():
-        base = cur["silent_error"][where]
-        if c is None or base is None:
-            continue
+    for where, c, base in _paired(cand["silent_error"], cur["silent_error"]):
         check(f"silent_error_{where}", c <= base + st.max_silent_error_increase_pt / 100,
               f"silent errors ({where}) {100 * c:.2f}% vs {100 * base:.2f}% "
               f"(> +{st.max_silent_error_increase_pt} pt)")
@@ -159,10 +156,7 @@ def reassess(current: Any, candidate: Any, sets: Mapping[str, tuple[Tensor, Tens
         check("latency", cand["latency_p99_ms"] <= limit,
               f"clean p99 latency {cand['latency_p99_ms']:.3f} ms > {limit:.3f} ms "
               f"({st.latency_ratio} x the current {cur['latency_p99_ms']:.3f} ms + {st.latency_slack_ms} ms)")
-    for k, c in cand["slice_gap"].items():
-        base = cur["slice_gap"][k]
-        if c is None or base is None:
-            continue
+    for k, c, base in _paired(cand["slice_gap"], cur["slice_gap"]):
         check(f"slice_gap_{k}", c <= base + st.max_slice_gap_increase_pt / 100,
               f"per-class {k} gap {100 * c:.1f} pt vs {100 * base:.1f} pt (> +{st.max_slice_gap_increase_pt} pt)")
     for f in (cur, cand):
@@ -207,3 +201,8 @@ def run_reassess_from_config(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     print(result.line)
     return ({"verdict": result.verdict, "line": result.line, "reasons": result.reasons, "report": str(report)},
             {"reassessment": result})
+
+
+def _paired(candidate: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """``(key, candidate value, current value)`` for every key both measured (``None``: not measured)."""
+    return [(k, c, current[k]) for k, c in candidate.items() if c is not None and current.get(k) is not None]
