@@ -59,7 +59,7 @@ class Governor:
         """Remember the answer for feedback and feed the monitors; return the signals raised."""
         try:
             if self.controller is not None:
-                self.controller.remember(out.request_id, out.prediction, out.served_by, out.confidence)
+                self.controller.remember(out.request_id, out.prediction, out.served_by, out.confidence, out.logits)
             preds = [int(p) for p in out.prediction.tolist()]
             with self._lock:
                 fired = self.monitors.observe(out.served_by, preds, timings)

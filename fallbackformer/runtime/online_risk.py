@@ -33,8 +33,10 @@ gate's (an answer updates the gate of the path that served it). The buffers are 
 so ``ff.save`` and ONNX export snapshot the thresholds in force.
 
 Without labels, :meth:`label_free_accuracy` estimates the accuracy of the answered requests over the
-last ``window`` answers as the **mean calibrated confidence of the answered requests** (the
-"average confidence" estimator; Garg et al. 2022 compare it with ATC).
+last ``window`` requests with the model's :class:`~fallbackformer.runtime.label_free.LabelFreeEstimator`
+(fitted by the main job and stored in the bundle; see :mod:`fallbackformer.runtime.label_free`). A
+model without one gets the mean served confidence of the answered requests. The method is named in
+the state (``label_free_method``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from typing import Any
 import torch
 
 from fallbackformer.runtime import reasons as R
+from fallbackformer.runtime.label_free import LabelFreeEstimator, WindowStats, label_free_estimator, max_softmax
 
 __all__ = ["FeedbackConfig", "OnlineRiskController", "FeedbackResult"]
 
@@ -68,7 +71,10 @@ class FeedbackConfig:
         tighten_only: never lower a threshold below its calibrated value (the policy must say
             otherwise explicitly: ``False`` lets the controller loosen it when answers are right).
         capacity: answered requests remembered for feedback (older ids expire).
-        window: answers in the rolling window of the label-free estimate and the windowed error.
+        window: requests in the rolling window of the label-free estimate (answered or not), and
+            labelled answers in the windowed error.
+        estimate_every: events carry the label-free estimate recomputed once this many new requests
+            arrived (it costs ~0.1 ms with fitted trees); ``stats()`` is always fresh.
     """
 
     alpha: float | None = None
@@ -79,13 +85,14 @@ class FeedbackConfig:
     tighten_only: bool = True
     capacity: int = 20000
     window: int = 500
+    estimate_every: int = 16
 
     def __post_init__(self) -> None:
         if self.alpha is not None and not 0.0 < self.alpha < 1.0:
             raise ValueError(f"FeedbackConfig.alpha={self.alpha!r}; use a rate in (0, 1) or None for the certified alpha")
         if not self.eta > 0:
             raise ValueError(f"FeedbackConfig.eta={self.eta!r}; use a step > 0 (e.g. 0.1)")
-        for name in ("capacity", "window", "probe_after"):
+        for name in ("capacity", "window", "probe_after", "estimate_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "probe_after" else 1):
                 raise ValueError(f"FeedbackConfig.{name}={v!r}; use an int >= 1 (probe_after: >= 0)")
@@ -129,6 +136,7 @@ class OnlineRiskController:
         config: the controller's settings.
         routed: ``True`` when one router threshold decides every answer (every answered label updates
             it); else an answer updates the gate of the path that served it.
+        estimator: the label-free estimator (``None``: the mean served confidence of the answered).
 
     >>> ctl = OnlineRiskController.for_model(model)     # doctest: +SKIP
     >>> out = model(x); ctl.remember(out)                # doctest: +SKIP
@@ -136,7 +144,8 @@ class OnlineRiskController:
     """
 
     def __init__(self, thresholds: Mapping[str, torch.Tensor], alphas: Mapping[str, float | None],
-                 config: FeedbackConfig | None = None, routed: bool = False) -> None:
+                 config: FeedbackConfig | None = None, routed: bool = False,
+                 estimator: LabelFreeEstimator | None = None) -> None:
         self.config = config or FeedbackConfig()
         self.routed = routed
         self.targets: dict[str, _Target] = {}
@@ -148,7 +157,10 @@ class OnlineRiskController:
             self.targets[name] = _Target(name, buf, float(alpha))
         self._records: OrderedDict[str, tuple[list[int], tuple[str, ...], list[float], list[bool]]] = OrderedDict()
         self._lock = threading.Lock()
-        self._conf: deque[float] = deque(maxlen=self.config.window)  # answered confidences (label-free)
+        self.estimator = estimator or LabelFreeEstimator.mean_confidence()
+        self._window = WindowStats(self.config.window, self.estimator.atc_threshold)  # label-free
+        self._estimate: tuple[int, float | None] = (0, None)  # (requests seen, estimate) cache
+        self._seen = 0
         self._recent_err: deque[int] = deque(maxlen=self.config.window)  # labelled answered: wrong?
         self.counts = {"remembered": 0, "expired": 0, "unknown": 0, "duplicate": 0, "bad_label": 0,
                        "labels": 0, "labelled_answered": 0, "labelled_errors": 0, "probes": 0}
@@ -156,10 +168,13 @@ class OnlineRiskController:
 
     @classmethod
     def for_model(cls, model: Any, config: FeedbackConfig | None = None) -> "OnlineRiskController":
-        """The controller on ``model``'s thresholds in force: its router's, else each live gate's."""
+        """The controller on ``model``'s thresholds in force: its router's, else each live gate's; with
+        the model's label-free estimator (:func:`~fallbackformer.runtime.label_free.label_free_estimator`)."""
         router = getattr(model, "router", None)
+        estimator = label_free_estimator(model)
         if router is not None:
-            return cls({"router": router.threshold}, {"router": (router.guarantee or {}).get("alpha")}, config, True)
+            return cls({"router": router.threshold}, {"router": (router.guarantee or {}).get("alpha")}, config, True,
+                       estimator)
         thresholds, alphas = {}, {}
         for name in model.path_names:
             gate = model.gates[name]
@@ -167,25 +182,29 @@ class OnlineRiskController:
                 continue  # a gate that accepts nothing never answers: nothing to control
             thresholds[name] = gate.threshold
             alphas[name] = (gate.guarantee or {}).get("alpha")
-        return cls(thresholds, alphas, config, False)
+        return cls(thresholds, alphas, config, False, estimator)
 
     # ------------------------------------------------------------------ serving side
 
     def remember(self, request_id: str, prediction: torch.Tensor, served_by: Sequence[str],
-                 confidence: torch.Tensor) -> None:
-        """Keep an answer for later feedback and feed the label-free estimate (never raises on content)."""
+                 confidence: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        """Keep an answer for later feedback and feed the label-free window (never raises on content).
+
+        ``logits`` (the served logits ``[B, C]``, ``out.logits``) give the window's max-softmax statistic.
+        """
         preds = [int(p) for p in prediction.tolist()]
         conf = [float(c) for c in confidence.tolist()]
         served = tuple(served_by)
+        msp = max_softmax(logits, len(preds))
         with self._lock:
             self._records[request_id] = (preds, served, conf, [False] * len(preds))
             self.counts["remembered"] += 1
             while len(self._records) > self.config.capacity:
                 self._records.popitem(last=False)
                 self.counts["expired"] += 1
-            for who, c in zip(served, conf):
-                if who != R.DEFAULT and c == c:
-                    self._conf.append(c)
+            for who, c, p, m in zip(served, conf, preds, msp):
+                self._window.add(who, c, p, m)
+            self._seen += len(preds)
 
     def record(self, request_id: str) -> tuple[list[int], tuple[str, ...], list[float]] | None:
         """The remembered ``(predictions, served_by, confidences)`` of a request, or ``None``."""
@@ -292,23 +311,32 @@ class OnlineRiskController:
     # ------------------------------------------------------------------ reading
 
     def label_free_accuracy(self) -> float | None:
-        """Mean calibrated confidence of the answered requests in the window (``None`` before any)."""
+        """The estimated accuracy of the answered requests in the window (``None`` before any answer)."""
         with self._lock:
-            return sum(self._conf) / len(self._conf) if self._conf else None
+            return self._label_free_locked()
+
+    def _label_free_locked(self, stale_ok: int = 0) -> float | None:
+        """The estimate, recomputed when more than ``stale_ok`` requests arrived since the last one."""
+        seen, value = self._estimate
+        if value is None or self._seen - seen > stale_ok:
+            value = self.estimator.estimate(self._window)
+            self._estimate = (self._seen, value)
+        return value
 
     def state(self) -> dict[str, Any]:
         """The controller's state: per target lambda, error rate and labels, plus the counts."""
         with self._lock:
             n, e = self.counts["labelled_answered"], self.counts["labelled_errors"]
             recent = list(self._recent_err)
-            conf = list(self._conf)
             return {
                 "targets": {k: t.state() for k, t in self.targets.items()},
                 "n_labels": self.counts["labels"],
                 "error_rate": e / n if n else None,
                 "window_error_rate": sum(recent) / len(recent) if recent else None,
-                "label_free_accuracy": sum(conf) / len(conf) if conf else None,
-                "label_free_method": "mean calibrated confidence of answered requests",
+                "label_free_accuracy": self._label_free_locked(),
+                "label_free_method": self.estimator.method,
+                "label_free_description": self.estimator.description,
+                "label_free_window": {"requests": len(self._window), "answered": self._window.answered},
                 "counts": dict(self.counts),
                 "last_message": self.last_message,
                 "config": asdict(self.config),
@@ -318,10 +346,9 @@ class OnlineRiskController:
         """A compact state for events: lambda per target, error rate, labels, label-free estimate."""
         with self._lock:
             n, e = self.counts["labelled_answered"], self.counts["labelled_errors"]
-            conf = self._conf
             return {"lambda": {k: t.lam for k, t in self.targets.items()},
                     "error_rate": e / n if n else None, "n_labels": self.counts["labels"],
-                    "label_free_accuracy": sum(conf) / len(conf) if conf else None}
+                    "label_free_accuracy": self._label_free_locked(self.config.estimate_every - 1)}
 
 
 def _per_sample(label: Any, sample: int | None, b: int) -> list[tuple[int, int]] | None:
