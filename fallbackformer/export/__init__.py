@@ -6,6 +6,7 @@ imported when an ONNX function is called.
 
 from fallbackformer.export.bundle import FORMAT_VERSION, BundleError, load, read_manifest, save
 from fallbackformer.export.graph import CombinedGraph, served_by_codes
+from fallbackformer.export.label_free_section import LABEL_FREE_SECTION  # registers the optional section
 from fallbackformer.export.manifest import ManifestSection, register_section
 from fallbackformer.export.onnx_export import check_onnx_parity, export_onnx, onnxruntime_vs_torch
 from fallbackformer.export.program import export_program
@@ -13,6 +14,7 @@ from fallbackformer.export.triton import export_triton
 
 __all__ = [
     "FORMAT_VERSION",
+    "LABEL_FREE_SECTION",
     "BundleError",
     "CombinedGraph",
     "ManifestSection",
