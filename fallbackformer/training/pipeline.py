@@ -152,6 +152,24 @@ def fit_router_step(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
     return fit_router(primary, student, splits, instantiate(cfg.router), check_shift_suite(suite), int(cfg.num_classes))
 
 
+def fit_label_free_step(cfg: DictConfig, model: FallbackModel, splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                        suite: ShiftSuiteLike) -> dict[str, Any]:
+    """Fit ``cfg.label_free`` on the calibration split and attach it (``model.label_free``); its report.
+
+    Nothing happens (``{}``) when the config has none. ``ff.save`` stores the estimator in the
+    manifest's ``label_free`` section; the evaluation reports it per set.
+    """
+    if not cfg.get("label_free"):
+        return {}
+    from fallbackformer.training.label_free_fit import fit_label_free
+
+    x_cal, y_cal = splits["calibration"]
+    model.label_free, report = fit_label_free(model, x_cal, y_cal, check_shift_suite(suite), instantiate(cfg.label_free))
+    log.info("label-free estimator: %s (leave-one-corruption-out within %.2f: %s)", model.label_free.method,
+             report["tolerance"], {m: f"{r['within']}/{r['n']}" for m, r in report["loco"].items()})
+    return report
+
+
 def assemble(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
              gates: list[ConfidenceGate], router: Any = None, datamodule: DataSource | None = None) -> FallbackModel:
     """The combined model, ready to serve.
@@ -179,6 +197,7 @@ def assemble(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
 
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The main job (see the module docstring). Returns ``(summary, objects)``."""
+    from fallbackformer.evaluation.governance_report import label_free_summary
     from fallbackformer.evaluation.pipeline import evaluate_and_report, headline_metrics
     from fallbackformer.evaluation.shift_eval import CLEAN
     from fallbackformer.export import check_onnx_parity, export_onnx, save
@@ -223,6 +242,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     # the request sizes the evaluation uses.
     model.warm_up(splits["val"][0][: cfg.evaluation.batch_size], batch_sizes=[1, cfg.evaluation.batch_size])
     seconds["calibrate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    label_free_report = fit_label_free_step(cfg, model, splits, suite)
+    seconds["label_free"] = time.perf_counter() - t
 
     # Evaluation touches the test split and the shift sets made from it, nothing else does.
     t = time.perf_counter()
@@ -260,6 +282,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "reasons": clean["reasons"],
         "shift": shift,
         "shift_summary": evaluation.summary,
+        "label_free": {"method": getattr(getattr(model, "label_free", None), "method", "mean_confidence"),
+                       "loco": {m: {k: r[k] for k in ("within", "n", "mae")} for m, r in label_free_report.get("loco", {}).items()},
+                       "test_sets": label_free_summary(evaluation.per_set)},
         "onnx": onnx_report,
         "bundle": str(bundle_dir),
         "report": {k: str(v) for k, v in report_paths.items() if k in ("json", "md", "html")},
@@ -300,6 +325,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         lines.append(f"  {name:<30} {mean['accuracy_system']:>8.4f} {mean['accuracy_primary']:>8.4f} "
                      f"{mean['accuracy_student']:>8.4f} {mean['fallback_rate']:>9.4f}")
+    lf = (summary.get("label_free") or {}).get("test_sets") or {}
+    if lf.get("all"):
+        lines.append(f"  label-free       {summary['label_free']['method']}: within 5 pt on {lf['all'][0]}/{lf['all'][1]} "
+                     f"sets (tunable {lf['tunable'][0]}/{lf['tunable'][1]}, held-out {lf['held_out'][0]}/{lf['held_out'][1]})")
     s = summary["seconds"]
     lines.append("  seconds          " + "  ".join(f"{k} {v:.1f}" for k, v in s.items()))
     lines.append(f"  bundle           {summary['bundle']}")

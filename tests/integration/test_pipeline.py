@@ -48,7 +48,13 @@ def test_summary_has_the_promised_keys(tiny_run):
         assert set(row) >= {"accuracy_system", "accuracy_primary", "accuracy_student", "fallback_rate"}
     assert on_disk["onnx"]["decisions_agree"] == 1.0
     assert on_disk["onnx"]["max_abs_diff"] < 1e-4
-    assert set(on_disk["seconds"]) >= {"total", "train", "distill", "calibrate", "evaluate"}
+    assert set(on_disk["seconds"]) >= {"total", "train", "distill", "calibrate", "label_free", "evaluate"}
+    # the label-free estimator: fitted and chosen on the calibration split, stored in the bundle (issue 14)
+    from fallbackformer.runtime.label_free import METHODS
+
+    lf = on_disk["label_free"]
+    assert lf["method"] in METHODS and lf["test_sets"]["all"][1] <= len(on_disk["shift"]) + 1
+    assert json.loads((Path(summary["bundle"]) / "manifest.json").read_text())["label_free"]["method"] == lf["method"]
 
 
 def test_bundle_loads_in_a_fresh_process_without_lightning_or_hydra(tiny_run):
