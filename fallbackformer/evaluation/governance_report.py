@@ -56,3 +56,51 @@ def governance_section(extra: Mapping[str, Any] | None) -> list[str]:
     if not gov:
         return []
     return ["", "## Monitors and online risk control", "", *[f"- {line}" for line in governance_lines(gov)]]
+
+
+def label_free_summary(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Sets whose label-free estimate lies within the tolerance of the truth: all, tunable, held-out.
+
+    Args:
+        entries: ``{set: entry}`` with the ``label_free`` entry of each set (or the entries themselves,
+            as :func:`~fallbackformer.evaluation.label_free_eval.measure_label_free` returns them), and
+            ``held_out`` per set.
+
+    Returns:
+        ``{"method", "all": [within, scored], "tunable": [...], "held_out": [...], "share"}`` (a set
+        with no answered request is not scored).
+    """
+    counts = {"all": [0, 0], "tunable": [0, 0], "held_out": [0, 0]}
+    method = None
+    for e in entries.values():
+        lf = e.get("label_free", e)
+        method = method or lf.get("method")
+        if lf.get("within") is None:
+            continue
+        for group in ("all", "held_out" if e.get("held_out") else "tunable"):
+            counts[group][0] += int(bool(lf["within"]))
+            counts[group][1] += 1
+    n_in, n = counts["all"]
+    return {"method": method, **counts, "share": n_in / n if n else None}
+
+
+def label_free_rows(entries: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """The per-set table: set, held out, answered, accuracy of the answered, estimate, error, within."""
+    rows = [["set", "held out", "answered", "accuracy (answered)", "label-free estimate", "error (pt)", "within 5 pt"]]
+    for key, e in entries.items():
+        lf = e.get("label_free", e)
+        err = lf.get("error")
+        rows.append([key, "yes" if e.get("held_out") else "", f"{lf.get('n_answered')}/{lf.get('n')}",
+                     _f(lf.get("accuracy_answered")), _f(lf.get("estimate")),
+                     "n/a" if err is None else f"{100 * err:+.1f}",
+                     "n/a" if lf.get("within") is None else ("yes" if lf["within"] else "NO")])
+    return rows
+
+
+def label_free_line(entries: Mapping[str, Mapping[str, Any]]) -> str:
+    """One sentence: the method and how many sets it estimates within 5 pt (all, tunable, held-out)."""
+    s = label_free_summary(entries)
+    part = lambda k: f"{s[k][0]}/{s[k][1]}"  # noqa: E731
+    return (f"Label-free accuracy estimate ({s['method']}): within 5 pt of the accuracy of the answered "
+            f"requests on {part('all')} sets ({_f(s['share'], 2)}); tunable {part('tunable')}, held-out "
+            f"{part('held_out')}.")

@@ -20,7 +20,7 @@ from typing import Any
 
 from fallbackformer.evaluation import plots as P
 from fallbackformer.evaluation.containers import CLEAN, Evaluation, json_safe
-from fallbackformer.evaluation.governance_report import governance_section
+from fallbackformer.evaluation.governance_report import governance_section, label_free_line, label_free_rows
 from fallbackformer.evaluation.report_figures import HEADLINE_FIGURE, make_figures
 from fallbackformer.evaluation.report_tables import (
     ce_rows,
@@ -78,6 +78,9 @@ def render_markdown(ev: Evaluation, title: str, figure_files: Mapping[str, str] 
         parts += ["", "## Calibration drift", "", drift]
         if ev.drift and ev.drift.get("sets"):
             parts += ["", md_table(drift_rows(ev))]
+    if all("label_free" in e for e in ev.per_set.values()):
+        parts += ["", "## Label-free accuracy estimate", "", label_free_line(ev.per_set), "",
+                  md_table(label_free_rows(ev.per_set))]
     parts += ["", "## Per set", "", md_table(per_set_rows(ev))]
     parts += ["", f"## Selective risk against alpha ({base})", "", md_table(risk_rows(ev, base))]
     parts += ["", "## ECE per path", "", md_table(metric_rows(ev, "ece"))]
@@ -124,13 +127,8 @@ _DEFINITIONS_MD = """\
 - *failure detection*: AUROC of the confidence for telling correct from wrong answers (0.5 is chance), and
   AURC; per path by the gate's `confidence(logits)`, for the system by the served confidence (unanswered last).
 - *fallback rate*: answers served by the student or the safe default.
-<<<<<<< HEAD
 - *selective risk* `system`: errors among answered, against the router's alpha (or the loosest gate alpha); per path: the
-  gate applied alone on that path's logits (selective risk for ltt_hb/empirical, joint risk for crc).
-=======
-- *selective risk* `system`: errors among non-default answers, against the loosest gate alpha; per path: the
   gate applied alone on that path's logits (selective risk for ltt_binom/ltt_hb/empirical, joint risk for crc).
->>>>>>> stats
   *exceeds alpha*: the point estimate is above alpha; *broken*: the one-sided Clopper-Pearson lower bound at
   level delta is above alpha.
 - *coverage*: `system`: answered requests; per path: what the gate accepts alone.
@@ -143,6 +141,8 @@ _DEFINITIONS_MD = """\
   `calibration_drift`; `accuracy` / `coverage` after detection: on the later requests of the same stream, with
   `on_drift=alert` (answers as before) or `on_drift=student` (the student answers; where its gate rejects, the
   default); an abstaining default counts as wrong and as not covered.
+- *label-free estimate*: what the online controller reports without labels (its method named), computed
+  over the whole set as one window, against the accuracy of the requests not served by the safe default.
 - *MFLOPs*: FlopCounterMode per path, combined with the served_by mix (student and default answers
   count the whole primary plus the student). *p50/p99*: single-sample calls on the model's clock.
 """
@@ -241,6 +241,11 @@ def render_html(ev: Evaluation, title: str, figures: Mapping[str, Any], extra: M
         if ev.drift and ev.drift.get("sets"):
             dr_rows = drift_rows(ev)
             h.append(html_table(dr_rows, ["heldout" if r[1] else "" for r in dr_rows[1:]]))
+
+    if all("label_free" in e for e in ev.per_set.values()):  # the online controller's estimate, per set (issue 14)
+        lf = label_free_rows(ev.per_set)
+        h.append("<h2>Label-free accuracy estimate</h2><p>" + html.escape(label_free_line(ev.per_set)) + "</p>")
+        h.append(html_table(lf, [("exceeded" if r[6] == "NO" else "") + (" heldout" if r[1] else "") for r in lf[1:]]))
 
     # figures
     h.append("<h2>Figures</h2><div class='figs'>")

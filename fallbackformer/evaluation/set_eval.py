@@ -18,6 +18,8 @@ failure detection, slices, latency and the references.
 * **failure detection** per path with the gate's ``confidence(logits)`` as the ranking, for the system
   with ``FallbackOutput.confidence`` (unanswered requests last): AUROC of correct vs wrong and AURC.
 * **latency**: ``FallbackOutput.latency_ms`` of single-sample calls (the model's clock), p50 and p99.
+* **label_free**: the model's label-free accuracy estimate over the whole set against the accuracy of
+  the requests not served by the safe default (:mod:`~fallbackformer.evaluation.label_free_eval`).
 * **oracle exit**: the cheapest correct exit, if any; **oracle router**: primary or student, whichever
   is correct; **best single**: the better accuracy of the primary alone and the student alone.
 """
@@ -36,7 +38,9 @@ from fallbackformer.evaluation import metrics as M
 from fallbackformer.evaluation.containers import PathArrays, json_safe
 from fallbackformer.evaluation.cost_eval import answer_flops
 from fallbackformer.evaluation.guarantee_eval import risk_check
+from fallbackformer.evaluation.label_free_eval import label_free_entry
 from fallbackformer.runtime import reasons as R
+from fallbackformer.runtime.label_free import max_softmax
 from fallbackformer.runtime.fallback_model import FallbackModel
 
 __all__ = ["gate_info", "evaluate_set", "failure_detection"]
@@ -274,5 +278,6 @@ def evaluate_set(
         },
         "oracle_exit_distribution": oracle_dist,
         "slices": {"per_class": per_class, "max_disparity": disparity},
+        "label_free": label_free_entry(model, served, sys_conf, pred, max_softmax(sys_logits, n), y),
     }
     return entry, arrays

@@ -55,6 +55,10 @@ def test_report_files(evaluation, tmp_path) -> None:
     md = paths["md"].read_text()
     assert "| set |" in md and "## Across severities" in md and "figures/accuracy_vs_severity.png" in md
     assert "## Calibration drift" not in md and "drift" not in doc  # the study was not asked for
+    # the online controller's label-free estimate against the truth, per set (issue 14)
+    assert doc["fog/1"]["label_free"]["method"] == "mean_confidence"
+    assert "## Label-free accuracy estimate" in md and "| fog/1 | yes |" in md
+    assert "<h2>Label-free accuracy estimate</h2>" in page
 
 
 def test_report_shows_the_drift_study(evaluation, tmp_path) -> None:
