@@ -91,5 +91,5 @@ def _governance_families(gov: Mapping[str, Any], family: Any) -> None:
             family("online_error_rate", "gauge", "Error rate among labelled answered requests since start.",
                    [({}, fb["error_rate"])])
         if fb.get("label_free_accuracy") is not None:
-            family("label_free_accuracy", "gauge", "Label-free accuracy estimate: mean calibrated confidence of answered requests in the window.",
+            family("label_free_accuracy", "gauge", "Label-free estimate of the accuracy of the answered requests in the window (method: stats() label_free_method).",
                    [({}, fb["label_free_accuracy"])])
