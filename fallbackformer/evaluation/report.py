@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from fallbackformer.evaluation import plots as P
-from fallbackformer.evaluation.containers import CLEAN, Evaluation, json_safe
+from fallbackformer.common.jsonsafe import json_safe
+from fallbackformer.evaluation.containers import CLEAN, Evaluation
 from fallbackformer.evaluation.governance_report import governance_section
 from fallbackformer.evaluation.report_figures import HEADLINE_FIGURE, make_figures
 from fallbackformer.evaluation.report_tables import (

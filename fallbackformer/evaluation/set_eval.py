@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from fallbackformer.evaluation import metrics as M
-from fallbackformer.evaluation.containers import PathArrays, json_safe
+from fallbackformer.common.jsonsafe import json_safe
+from fallbackformer.evaluation.containers import PathArrays
 from fallbackformer.evaluation.cost_eval import answer_flops
 from fallbackformer.evaluation.guarantee_eval import risk_check
 from fallbackformer.runtime import reasons as R

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from fallbackformer.common.jsonsafe import parse_json_float
+
 if TYPE_CHECKING:  # pragma: no cover
     from fallbackformer.gates.gate import ConfidenceGate
     from fallbackformer.runtime.fallback_model import FallbackModel
@@ -315,7 +317,7 @@ def _parse_policy(ctx: _Ctx, raw: Mapping[str, Any]) -> "Policy":
     from fallbackformer.runtime.policy import Policy
 
     data = ctx.get(raw, "policy", "policy", dict)
-    decoded = {k: (float(v) if isinstance(v, str) and v in ("inf", "-inf", "nan") else v) for k, v in data.items()}
+    decoded = {k: (parse_json_float(v) if isinstance(v, str) and v in ("inf", "-inf", "nan") else v) for k, v in data.items()}
     return _call(ctx, "policy", Policy.from_dict, decoded)
 
 

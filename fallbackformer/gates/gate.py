@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from fallbackformer.common.jsonsafe import json_float, json_safe, parse_json_float
 from fallbackformer.gates import risk_control
 from fallbackformer.gates.scores import SCORES, _max_softmax_eager, _tracing, compute_score
 from fallbackformer.gates.temperature import fit_temperature
@@ -33,36 +34,6 @@ METHODS = ("ltt_binom", "ltt_hb", "crc", "empirical")
 _SCORE_NAMES = tuple(SCORES) + ("learned",)
 REFERENCE_SIZE = 512
 CONFIG_VERSION = 1
-
-
-def _json_float(x: float | None) -> float | str | None:
-    """JSON has no inf/nan: write them as strings."""
-    if x is None:
-        return None
-    x = float(x)
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
-
-
-def _from_json_float(x: float | str | None) -> float:
-    if x is None:
-        return math.nan
-    return float(x)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return _json_float(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return _json_safe(obj.tolist())
-    return obj
 
 
 def reference_sample(scores: Tensor, size: int = REFERENCE_SIZE) -> Tensor:
@@ -217,8 +188,8 @@ class ConfidenceGate(nn.Module):
             "config_version": CONFIG_VERSION,
             "score": self.score,
             "temperature": float(self.temperature),
-            "threshold": _json_float(float(self.threshold)),
-            "guarantee": _json_safe(self.guarantee) if self.guarantee is not None else None,
+            "threshold": json_float(float(self.threshold)),
+            "guarantee": json_safe(self.guarantee) if self.guarantee is not None else None,
             "reference_scores": [float(f"{v:.7g}") for v in self.reference_scores.tolist()],
         }
         if self.learned_score is not None:
@@ -238,10 +209,10 @@ class ConfidenceGate(nn.Module):
         if guarantee is not None:
             guarantee = dict(guarantee)
             if "threshold" in guarantee:
-                guarantee["threshold"] = _from_json_float(guarantee["threshold"])
+                guarantee["threshold"] = parse_json_float(guarantee["threshold"])
         return cls(
             temperature=float(config.get("temperature", 1.0)),
-            threshold=_from_json_float(config.get("threshold", "inf")),
+            threshold=parse_json_float(config.get("threshold", "inf")),
             score=config.get("score", "max_softmax"),
             guarantee=guarantee,
             reference_scores=config.get("reference_scores"),

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fallbackformer.common.jsonsafe import json_float, parse_json_float
 from fallbackformer.gates.evidence import Evidence, MahalanobisScore, feature_width, path_features, pool_features
 
 __all__ = ["Router", "Scorer", "ROUTER_CONFIG_VERSION"]
@@ -185,7 +186,7 @@ class Router(nn.Module):
             "feature_dims": list(self.feature_dims),
             "hidden": self.hidden,
             "exit_floor": self.exit_floor,
-            "threshold": _json_float(float(self.threshold)),
+            "threshold": json_float(float(self.threshold)),
             "guarantee": self.guarantee,
         }
 
@@ -206,19 +207,9 @@ class Router(nn.Module):
                              "feature_dims and hidden") from exc
         if state is not None:
             router.load_state_dict(dict(state))
-        router.threshold.fill_(_from_json_float(config.get("threshold")))
+        router.threshold.fill_(parse_json_float(config.get("threshold"), missing=math.inf))  # none stored: accepts nothing
         router.guarantee = dict(config.get("guarantee") or {})
         return router
 
     def extra_repr(self) -> str:
         return f"num_exits={self.num_exits}, threshold={float(self.threshold):.4f}"
-
-
-def _json_float(x: float) -> float | str:
-    return "inf" if math.isinf(x) and x > 0 else x
-
-
-def _from_json_float(x: Any) -> float:
-    if x == "inf" or x is None:
-        return math.inf
-    return float(x)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from fallbackformer.common.jsonsafe import dumps
 from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.breaker import BreakerConfig
 from fallbackformer.runtime.clock import HANG, FakeClock, ScriptedDelay
@@ -330,7 +331,7 @@ def write_report(report: DrillReport, out_dir: str | os.PathLike[str]) -> tuple[
 
     out_dir = Path(out_dir)
     jpath, hpath = out_dir / "drill.json", out_dir / "drill.html"
-    jpath.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+    jpath.write_text(dumps(report.to_dict(), indent=2, where="drill report") + "\n", encoding="utf-8")
     rows = "".join(
         f"<tr><td>{html.escape(r.name)}</td><td><code>{r.reason}</code></td>"
         f"<td style='color:{'green' if r.passed else 'red'}'>{'PASS' if r.passed else 'FAIL'}</td>"

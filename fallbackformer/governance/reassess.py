@@ -36,6 +36,8 @@ from typing import Any
 
 from torch import Tensor
 
+from fallbackformer.common.jsonsafe import dumps
+
 __all__ = ["ReassessSettings", "Reassessment", "reassess", "run_reassess_from_config"]
 
 
@@ -197,7 +199,7 @@ def run_reassess_from_config(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     report = out_dir / "reassess.json"
     doc = {**result.to_dict(), "current_bundle": str(cfg.current), "candidate_bundle": str(cfg.candidate),
            "sets": list(sets), "settings": OmegaConf.to_container(cfg.reassess, resolve=True) if cfg.get("reassess") else None}
-    report.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    report.write_text(dumps(doc, indent=2, where="reassessment") + "\n", encoding="utf-8")
     print(result.line)
     return ({"verdict": result.verdict, "line": result.line, "reasons": result.reasons, "report": str(report)},
             {"reassessment": result})

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fallbackformer.gates.gate import ConfidenceGate, _json_safe
+from fallbackformer.common.jsonsafe import dumps, json_safe
+from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.gates.system import calibrate_system
 from fallbackformer.gates.temperature import brier, classwise_ece, ece, nll
 
@@ -167,7 +168,7 @@ def calibrate_gates(
         "selective_risk_cal": float(wrong_served.sum() / served.sum()) if served.any() else None,
         "default_share_cal": float((~served).double().mean()),
     }
-    return gates, _json_safe(report)
+    return gates, json_safe(report, "calibration report")
 
 
 def write_calibration_report(
@@ -224,6 +225,6 @@ def write_calibration_report(
                                   alpha=g.get("alpha"), operating_point=op, path=rc_path)
         paths[f"risk_coverage_{name}"] = rc_path
     json_path = out / "calibration.json"
-    json_path.write_text(json.dumps(_json_safe(dict(report)), indent=2, allow_nan=False))
+    json_path.write_text(dumps(dict(report), indent=2, where="calibration report"))
     paths["calibration.json"] = json_path
     return paths

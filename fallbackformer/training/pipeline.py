@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fallbackformer.common.jsonsafe import dumps
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.data.protocol import DataSource, ShiftSuiteLike, check_data_source, check_shift_suite
@@ -269,7 +270,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "training": {**train_metrics, **distill_metrics},
         "seconds": seconds,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out_dir / "summary.json").write_text(dumps(summary, indent=2, where="summary"))
     log.info("summary written to %s", out_dir / "summary.json")
     print(format_summary(summary))
     objects = {"model": model, "primary": primary, "student": student, "gates": gates,
@@ -350,7 +351,7 @@ def calibrate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     student = load_model(cfg.student_dir, "student")
     gates, report = calibrate_paths(cfg, primary, student, datamodule.splits, out_dir)
     payload = {"gates": {n: g.to_config() for n, g in zip(primary.exit_names + ["student"], gates)}}
-    (out_dir / "gates.json").write_text(json.dumps(payload, indent=2, default=float))
+    (out_dir / "gates.json").write_text(dumps(payload, indent=2, where="gates"))
     return report, {"gates": gates, "output_dir": out_dir}
 
 
