@@ -32,13 +32,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fallbackformer.evaluation import metrics as M
 from fallbackformer.common.jsonsafe import json_safe
+from fallbackformer.evaluation import metrics as M
 from fallbackformer.evaluation.containers import PathArrays
 from fallbackformer.evaluation.cost_eval import answer_flops
 from fallbackformer.evaluation.guarantee_eval import risk_check
 from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.fallback_model import FallbackModel
+from fallbackformer.runtime.latency import nearest_rank
 
 __all__ = ["gate_info", "evaluate_set", "failure_detection"]
 
@@ -77,11 +78,7 @@ def _rank(conf: Tensor) -> Tensor:
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, math.ceil(q * len(s)) - 1))  # nearest rank
-    return float(s[k])
+    return float(nearest_rank(sorted(values), q)) if values else math.nan
 
 
 @torch.inference_mode()
