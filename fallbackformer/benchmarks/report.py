@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from fallbackformer.common.jsonsafe import parse_json_float
+
 __all__ = ["FORMATS", "TEMPLATE", "placeholders", "render_markdown", "write_markdown"]
 
 TEMPLATE = Path(__file__).with_name("BENCHMARKS.md.tmpl")
@@ -64,19 +66,24 @@ def _as_table(v: Any) -> str:
     return _table([[r.get(k, "") for k in header] for r in rows], header)
 
 
+def _num(v: Any) -> float:
+    """A number as ``benchmark.json`` stores it (``"inf"``, ``"-inf"``, ``null`` for NaN) back as a float."""
+    return parse_json_float(v) if v is None or isinstance(v, str) else v
+
+
 def _kv(v: Mapping[str, Any]) -> str:
     return _table([[k, x] for k, x in v.items()], ["figure", "value"])
 
 
 #: ``${path|name}``: how a value is written
 FORMATS: dict[str, Callable[[Any], str]] = {
-    "f1": lambda v: f"{v:.1f}",
-    "f2": lambda v: f"{v:.2f}",
-    "f3": lambda v: f"{v:.3f}",
-    "f4": lambda v: f"{v:.4f}",
-    "pct": lambda v: f"{100 * v:.1f}%",
-    "range": lambda v: f"{v[0]:.3f}-{v[1]:.3f}",
-    "g": lambda v: f"{v:g}",
+    "f1": lambda v: f"{_num(v):.1f}",
+    "f2": lambda v: f"{_num(v):.2f}",
+    "f3": lambda v: f"{_num(v):.3f}",
+    "f4": lambda v: f"{_num(v):.4f}",
+    "pct": lambda v: f"{100 * _num(v):.1f}%",
+    "range": lambda v: f"{_num(v[0]):.3f}-{_num(v[1]):.3f}",
+    "g": lambda v: f"{_num(v):g}",
     "table": _as_table,
     "kv": _kv,
 }

@@ -6,7 +6,8 @@ failure detection, slices, latency and the references.
 
 * **answered**: ``prediction >= 0``, whatever path gave it (a safe default that answers a class counts).
   **silent_error**: share of requests answered and wrong; **useful**: share answered and right.
-* **fallback rate**: fraction of answers served by the student or the safe default.
+* **fallback rate**: fraction of answers not served by the primary's own path (exits are that path):
+  :func:`~fallbackformer.common.paths.is_fallback`.
 * **selective risk** ``<path>``: the path's gate applied alone to that path's logits on every sample
   (what ``ConfidenceGate.calibrate`` guaranteed on the calibration split): errors among accepted /
   accepted for ``ltt_hb`` and ``empirical``, accepted and wrong / all for ``crc``. ``system``: errors
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from fallbackformer.common.jsonsafe import json_safe
+from fallbackformer.common.paths import is_fallback, served_by_codes
 from fallbackformer.evaluation import metrics as M
 from fallbackformer.evaluation.containers import PathArrays
 from fallbackformer.evaluation.cost_eval import answer_flops
@@ -181,14 +183,14 @@ def evaluate_set(
 
     # ---- served_by mix, reasons, accuracy by server
     counts = Counter(served)
-    servers = [*paths, R.DEFAULT]
+    servers = served_by_codes(paths)
     served_frac = {s: counts.get(s, 0) / n if n else math.nan for s in servers}
     reason_counts = Counter(r for r in reasons if r)
     acc_by_server = {}
     for s in servers:
         idx = [i for i, v in enumerate(served) if v == s]
         acc_by_server[s] = float(sys_ok[idx].double().mean()) if idx else None
-    fallback = [s in (R.STUDENT, R.DEFAULT) for s in served]
+    fallback = [is_fallback(s) for s in served]
 
     # ---- references
     exit_paths = [p for p in paths if p != R.STUDENT]

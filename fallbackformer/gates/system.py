@@ -51,6 +51,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from fallbackformer.common.paths import path_names
 from fallbackformer.gates import risk_control as rc
 from fallbackformer.gates.gate import METHODS, ConfidenceGate, reference_sample
 from fallbackformer.gates.temperature import fit_temperature
@@ -284,7 +285,7 @@ def calibrate_system(
             raise ValueError(f"logits #{i} have shape {tuple(z.shape)}; every entry must be [N={n}, C].")
     m = len(all_logits)
     if names is None:
-        names = [f"exit_{i + 1}" for i in range(m - 2)] + ["primary", "student"]
+        names = path_names(m - 1)  # the primary's m - 1 heads, then the student
     if len(names) != m:
         raise ValueError(f"names has {len(names)} entries, expected {m} (exits + primary + student).")
     if temperatures is not None and len(temperatures) != m:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fallbackformer.common.paths import path_names
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.models.transforms import fit_input_transforms
@@ -172,4 +173,4 @@ def calibrate(
     cfg = {"mode": mode, "alpha": dict(alpha) if isinstance(alpha, Mapping) else float(alpha), "delta": float(delta),
            "method": method, "score": score}
     gates, report = calibrate_gates(logits[:-1], logits[-1], y, cfg)
-    return CalibratedGates(gates, primary.exit_names + ["student"], report)
+    return CalibratedGates(gates, path_names(primary.num_exits), report)

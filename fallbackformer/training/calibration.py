@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from fallbackformer.common.jsonsafe import dumps, json_safe
+from fallbackformer.common.paths import path_names
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.gates.system import calibrate_system
 from fallbackformer.gates.temperature import brier, classwise_ece, ece, nll
@@ -105,7 +106,7 @@ def calibrate_gates(
     all_logits = [z.detach() for z in exit_logits] + [student_logits.detach()]
     m = len(all_logits)
     if names is None:
-        names = [f"exit_{i + 1}" for i in range(m - 2)] + ["primary", "student"]
+        names = path_names(m - 1)  # the primary's m - 1 heads, then the student
     labels = labels.detach().long()
     if mode == "system":
         if not isinstance(alpha_cfg, (int, float)):

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fallbackformer.common.jsonsafe import dumps
+from fallbackformer.common.paths import path_names
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.data.protocol import DataSource, ShiftSuiteLike, check_data_source, check_shift_suite
@@ -350,7 +351,7 @@ def calibrate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     primary = load_model(cfg.primary_dir, "primary")
     student = load_model(cfg.student_dir, "student")
     gates, report = calibrate_paths(cfg, primary, student, datamodule.splits, out_dir)
-    payload = {"gates": {n: g.to_config() for n, g in zip(primary.exit_names + ["student"], gates)}}
+    payload = {"gates": {n: g.to_config() for n, g in zip(path_names(primary.num_exits), gates)}}
     (out_dir / "gates.json").write_text(dumps(payload, indent=2, where="gates"))
     return report, {"gates": gates, "output_dir": out_dir}
 
@@ -364,7 +365,7 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     primary = load_model(cfg.primary_dir, "primary")
     student = load_model(cfg.student_dir, "student")
     gate_cfgs = json.loads(Path(cfg.calibration).read_text())["gates"]  # gates.json of calibrate.py
-    gates = [ConfidenceGate.from_config(gate_cfgs[n]) for n in primary.exit_names + ["student"]]
+    gates = [ConfidenceGate.from_config(gate_cfgs[n]) for n in path_names(primary.num_exits)]
     model = assemble(cfg, primary, student, gates, datamodule=datamodule)
     bundle = save(model, Path(cfg.bundle_dir), degradation=OmegaConf.to_container(cfg.degradation, resolve=True),
                   onnx=bool(cfg.onnx.export))
