@@ -18,7 +18,7 @@ from fallbackformer.gates.scores import (
     patience,
 )
 from fallbackformer.gates.system import calibrate_system
-from fallbackformer.gates.temperature import brier, ece, fit_temperature, nll
+from fallbackformer.gates.temperature import brier, fit_temperature, nll
 
 __all__ = [
     "METHODS",
@@ -31,7 +31,6 @@ __all__ = [
     "brier",
     "calibrate_system",
     "compute_score",
-    "ece",
     "fit_temperature",
     "hb_pvalue",
     "ltt_pvalues",

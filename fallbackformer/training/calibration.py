@@ -35,7 +35,7 @@ from fallbackformer.common.jsonsafe import dumps, json_safe
 from fallbackformer.common.paths import path_names
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.gates.system import calibrate_system
-from fallbackformer.gates.temperature import brier, classwise_ece, ece, nll
+from fallbackformer.gates.temperature import brier, nll
 
 __all__ = ["calibrate_gates", "calibration_metrics", "write_calibration_report"]
 
@@ -52,20 +52,21 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def calibration_metrics(logits: Tensor, labels: Tensor, temperature: float = 1.0, n_bins: int = 15) -> dict[str, float]:
-    """ECE (torchmetrics, ``n_bins`` equal-width bins, L1), equal-mass and classwise ECE, NLL, Brier
-    and accuracy of ``softmax(logits / temperature)`` over the rows with finite logits."""
-    from torchmetrics.functional.classification import multiclass_calibration_error
+    """ECE (``n_bins`` equal-width bins, L1), equal-mass and classwise ECE (all three from
+    :mod:`fallbackformer.evaluation.metrics`), NLL, Brier and accuracy of ``softmax(logits / temperature)``
+    over the rows with finite logits."""
+    from fallbackformer.evaluation import metrics as M
 
     finite = torch.isfinite(logits).all(dim=1)
     z = logits[finite].detach().double() / float(temperature)
     y = labels[finite].long()
     if z.shape[0] == 0:
         return {k: math.nan for k in ("ece", "ece_equal_mass", "classwise_ece", "nll", "brier", "accuracy")}
-    probs = torch.softmax(z, dim=1)
+    conf, pred = torch.softmax(z, dim=1).max(dim=1)  # [M]
     return {
-        "ece": float(multiclass_calibration_error(probs, y, num_classes=z.shape[1], n_bins=n_bins, norm="l1")),
-        "ece_equal_mass": ece(z, y, n_bins=n_bins, binning="mass"),
-        "classwise_ece": classwise_ece(z, y, n_bins=n_bins),
+        "ece": M.ece_from_logits(z, y, n_bins=n_bins),
+        "ece_equal_mass": M.ece(conf, pred == y, n_bins=n_bins, binning="mass"),
+        "classwise_ece": M.classwise_ece(z, y, n_bins=n_bins),
         "nll": nll(z, y),
         "brier": brier(z, y),
         "accuracy": float((z.argmax(1) == y).double().mean()),
