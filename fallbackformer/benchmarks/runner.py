@@ -25,7 +25,7 @@ from fallbackformer.common.jsonsafe import dumps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SECTIONS", "SECTION_PROVIDERS", "register_section", "run_benchmark"]
+__all__ = ["SECTIONS", "SECTION_PROVIDERS", "register_section", "run_benchmark", "unregister_section"]
 
 Section = Callable[[BenchmarkContext], dict[str, Any]]
 
@@ -53,6 +53,11 @@ def register_section(name: str) -> Callable[[Section], Section]:
         return fn
 
     return deco
+
+
+def unregister_section(name: str) -> Section | None:
+    """Remove the section ``name`` registered with :func:`register_section` (``None`` if absent)."""
+    return _REGISTERED.pop(name, None)
 
 
 def _external_section(name: str, ctx: BenchmarkContext) -> dict[str, Any]:

@@ -346,6 +346,14 @@ class LatencyProfile:
             bucket = stage_buckets.get(batch_bucket(batch_size))
             return 0 if bucket is None else bucket.total
 
+    def recent(self, stage: str, batch_size: int) -> list[float]:
+        """The live samples (ms) of ``stage`` in the bucket of ``batch_size``, oldest first (at most
+        ``window``; empty without data there)."""
+        with self._lock:
+            self._drain_locked()
+            bucket = self._buckets.get(stage, {}).get(batch_bucket(batch_size))
+            return [] if bucket is None else bucket.recent()
+
     def stages(self) -> list[str]:
         """Stages with data, sorted."""
         with self._lock:

@@ -83,7 +83,7 @@ def _fit(module: L.LightningModule, datamodule: L.LightningDataModule, trainer_c
     return best, metrics
 
 
-def _augmentation(cfg: DictConfig) -> Any:
+def build_augmentation(cfg: DictConfig) -> Any:
     """The training augmentation of ``cfg.augment`` (a fresh one, seeded), or ``None``."""
     from fallbackformer.data.augment import optional_augmentation
 
@@ -94,7 +94,7 @@ def train_primary(cfg: DictConfig, datamodule: L.LightningDataModule, workdir: P
     """Train the primary's exits jointly; the checkpoint is chosen on the validation split."""
     primary: MultiExitNet = instantiate(cfg.primary.model)
     fit_input_transforms(primary, *datamodule.splits["train"])  # data-fitted constants (e.g. standardisation)
-    module = instantiate(cfg.primary.module)(model=primary, augment=_augmentation(cfg))
+    module = instantiate(cfg.primary.module)(model=primary, augment=build_augmentation(cfg))
     best, _ = _fit(module, datamodule, cfg.trainer, cfg.primary.monitor, None, workdir / "primary")
     return primary.eval(), {"val_acc_primary": best}
 
@@ -104,7 +104,7 @@ def distill_student(cfg: DictConfig, datamodule: L.LightningDataModule, primary:
     """Distill the student from the frozen primary's final exit (Hinton loss)."""
     student: nn.Module = instantiate(cfg.student.model)
     fit_input_transforms(student, *datamodule.splits["train"])
-    module = instantiate(cfg.student.module)(student=student, teacher=primary, augment=_augmentation(cfg))
+    module = instantiate(cfg.student.module)(student=student, teacher=primary, augment=build_augmentation(cfg))
     best, _ = _fit(module, datamodule, cfg.trainer, cfg.student.monitor, cfg.student.max_epochs,
                    workdir / "student")
     return student.eval(), {"val_acc_student": best}
