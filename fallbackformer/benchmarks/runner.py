@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from fallbackformer.benchmarks.ort import bench_onnxruntime
 from fallbackformer.benchmarks.overhead import bench_overhead
 from fallbackformer.benchmarks.report import write_markdown
 from fallbackformer.common.jsonsafe import dumps
+from fallbackformer.common.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,12 @@ def run_benchmark(cfg: Any, system: dict[str, Any] | None = None) -> tuple[dict[
         if system is not None:
             _ = ctx.system  # a given system counts as built from the start
         results: dict[str, Any] = {"machine": machine}
+        watch = Stopwatch()
         for name in list(get(ctx.cfg, "sections", list(SECTIONS))):
-            t0 = time.perf_counter()
             log.info("benchmark section %s", name)
-            results[name] = SECTIONS[name](ctx) if name in SECTIONS else _external_section(name, ctx)
-            log.info("section %s done in %.1f s", name, time.perf_counter() - t0)
+            with watch.step(name):
+                results[name] = SECTIONS[name](ctx) if name in SECTIONS else _external_section(name, ctx)
+            log.info("section %s done in %.1f s", name, watch.seconds[name])
         machine["load_average_end"] = load_average()
         loads = [v[0] for v in (machine["load_average"], machine["load_average_end"]) if v]
         machine["loaded"] = bool(loads) and max(loads) >= float(machine["usable_cores"] or 1)

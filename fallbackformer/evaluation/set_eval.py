@@ -51,11 +51,11 @@ def gate_info(model: FallbackModel) -> dict[str, dict[str, Any]]:
     info = {}
     for name in model.path_names:
         gate = model.gates[name]
-        g = dict(gate.guarantee or {})
+        g = gate.guarantee
         info[name] = {
-            "alpha": g.get("alpha"),
-            "delta": g.get("delta"),
-            "method": g.get("method"),
+            "alpha": g.alpha if g is not None else None,
+            "delta": g.delta if g is not None else None,
+            "method": g.method if g is not None else None,
             "threshold": float(gate.threshold),
             "temperature": float(gate.temperature),
             "score": getattr(gate, "score", None),

@@ -6,6 +6,7 @@ scipy or torchmetrics).
 
 from fallbackformer.gates.drift import InputRangeCheck, ScoreDriftMonitor
 from fallbackformer.gates.gate import METHODS, ConfidenceGate
+from fallbackformer.gates.guarantee import Guarantee
 from fallbackformer.gates.learned import LearnedScore
 from fallbackformer.gates.pvalues import binom_pvalue, hb_pvalue, ltt_pvalues, min_accepted
 from fallbackformer.gates.risk_control import threshold_grid
@@ -24,6 +25,7 @@ __all__ = [
     "METHODS",
     "SCORES",
     "ConfidenceGate",
+    "Guarantee",
     "InputRangeCheck",
     "LearnedScore",
     "ScoreDriftMonitor",

@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fallbackformer.common.jsonsafe import json_float, parse_json_float
+from fallbackformer.common.jsonsafe import json_float, json_safe, parse_json_float
 from fallbackformer.gates.evidence import Evidence, MahalanobisScore, feature_width, path_features, pool_features
+from fallbackformer.gates.guarantee import Guarantee
 
 __all__ = ["Router", "Scorer", "ROUTER_CONFIG_VERSION"]
 
@@ -118,7 +119,7 @@ class Router(nn.Module):
         positions: list[int | str] = [*range(num_exits), "student", "student_alone"]
         self.scorers = nn.ModuleDict({str(p): Scorer(feature_width(p, num_exits), hidden) for p in positions})
         self.register_buffer("threshold", torch.tensor(math.inf))
-        self.guarantee: dict[str, Any] = {"satisfied": False, "reason": "not calibrated"}
+        self.guarantee: Guarantee | None = None  # set by router_calibration.certify
 
     # ------------------------------------------------------------------ decisions
 
@@ -187,7 +188,8 @@ class Router(nn.Module):
             "hidden": self.hidden,
             "exit_floor": self.exit_floor,
             "threshold": json_float(float(self.threshold)),
-            "guarantee": self.guarantee,
+            "guarantee": (json_safe(self.guarantee.to_dict()) if self.guarantee is not None
+                          else {"satisfied": False, "reason": "not calibrated"}),
         }
 
     @classmethod
@@ -208,7 +210,8 @@ class Router(nn.Module):
         if state is not None:
             router.load_state_dict(dict(state))
         router.threshold.fill_(parse_json_float(config.get("threshold"), missing=math.inf))  # none stored: accepts nothing
-        router.guarantee = dict(config.get("guarantee") or {})
+        stored = config.get("guarantee") or {}
+        router.guarantee = Guarantee.from_dict(stored) if stored.get("alpha") is not None else None  # uncalibrated
         return router
 
     def extra_repr(self) -> str:

@@ -6,7 +6,7 @@ load Lightning.
 
 >>> student = ff.distill(primary, student, train_loader, val_loader, max_epochs=20)   # doctest: +SKIP
 >>> gates = ff.calibrate(primary, student, calib_loader, alpha=0.05, delta=0.1)        # doctest: +SKIP
->>> gates.guarantees["primary"]["statement"]                                         # doctest: +SKIP
+>>> gates.guarantees["primary"].statement                                            # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -119,8 +119,9 @@ class CalibratedGates(list):
 
     Attributes:
         names: the path name of each gate.
-        guarantees: ``{name: guarantee}``: alpha, delta, method, threshold, calibration size,
-            coverage, and whether it could be certified (``satisfied``) and why.
+        guarantees: ``{name: Guarantee}``: alpha, delta, method, threshold, calibration size ``n``,
+            ``coverage``, the distribution it ``covers`` and its ``statement``, and whether it could
+            be certified (``satisfied``) and why (``reason``).
         report: the full calibration report (metrics before and after temperature scaling).
     """
 

@@ -156,7 +156,7 @@ def calibrate_gates(
             "temperature": float(gate.temperature),
             "threshold": float(gate.threshold),
             "alpha": alphas[i],
-            "guarantee": gate.guarantee,
+            "guarantee": gate.guarantee.to_dict() if gate.guarantee is not None else None,
             "before": calibration_metrics(z, labels, 1.0),
             "after": calibration_metrics(z, labels, float(gate.temperature)),
             "standalone_coverage_cal": float(own.double().mean()),
@@ -218,13 +218,12 @@ def write_calibration_report(
         plots.reliability_diagram(conf, correct, title=f"{name}, calibration split, T={float(gate.temperature):.3g}",
                                   path=fig_path)
         paths[f"reliability_{name}"] = fig_path
-        g = gate.guarantee or {}
         op = None
         if acc.any():
             op = (float(acc.double().mean()), float((~correct & acc).sum() / acc.sum()))
         rc_path = out / f"risk_coverage_{name}.png"
         plots.risk_coverage_curve(score, correct, title=f"{name}, calibration split ({gate.score})",
-                                  alpha=g.get("alpha"), operating_point=op, path=rc_path)
+                                  alpha=gate.guarantee.alpha if gate.guarantee is not None else None, operating_point=op, path=rc_path)
         paths[f"risk_coverage_{name}"] = rc_path
     json_path = out / "calibration.json"
     json_path.write_text(dumps(dict(report), indent=2, where="calibration report"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from fallbackformer.common.jsonsafe import dumps
 from fallbackformer.common.paths import path_names
+from fallbackformer.common.timing import Stopwatch
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.data.protocol import DataSource, ShiftSuiteLike, check_data_source, check_shift_suite
@@ -194,8 +194,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_launch(cfg)  # trainer=ddp_sim re-launches the script per rank: not inside a -m sweep
     if cfg.get("evaluation") is not None and cfg.evaluation.get("progress") is None:
         cfg.evaluation.progress = interactive(cfg.get("progress"))  # bars only on a terminal
-    seconds: dict[str, float] = {}
-    t_start = time.perf_counter()
+    watch = Stopwatch()
     out_dir = output_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -206,48 +205,42 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule.setup()
     splits = datamodule.splits
 
-    t = time.perf_counter()
-    primary, train_metrics = train_primary(cfg, datamodule, out_dir / "checkpoints")
-    seconds["train"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    student, distill_metrics = distill_student(cfg, datamodule, primary, out_dir / "checkpoints")
-    seconds["distill"] = time.perf_counter() - t
+    with watch.step("train"):
+        primary, train_metrics = train_primary(cfg, datamodule, out_dir / "checkpoints")
+    with watch.step("distill"):
+        student, distill_metrics = distill_student(cfg, datamodule, primary, out_dir / "checkpoints")
     if rank_zero_only.rank != 0:  # DDP: the other ranks only train; rank zero calibrates, evaluates, saves
         return {}, {"primary": primary, "student": student, "output_dir": out_dir}
 
-    t = time.perf_counter()
-    gates, calibration = calibrate_paths(cfg, primary, student, splits, out_dir / "calibration")
-    suite = instantiate(cfg.shift)
-    router, router_report = fit_router_step(cfg, primary, student, splits, suite)
-    model = assemble(cfg, primary, student, gates, router, datamodule=datamodule)
-    # Latency profiles (and the compile choice) before anything is timed, on validation images at
-    # the request sizes the evaluation uses.
-    model.warm_up(splits["val"][0][: cfg.evaluation.batch_size], batch_sizes=[1, cfg.evaluation.batch_size])
-    seconds["calibrate"] = time.perf_counter() - t
+    with watch.step("calibrate"):
+        gates, calibration = calibrate_paths(cfg, primary, student, splits, out_dir / "calibration")
+        suite = instantiate(cfg.shift)
+        router, router_report = fit_router_step(cfg, primary, student, splits, suite)
+        model = assemble(cfg, primary, student, gates, router, datamodule=datamodule)
+        # Latency profiles (and the compile choice) before anything is timed, on validation images at
+        # the request sizes the evaluation uses.
+        model.warm_up(splits["val"][0][: cfg.evaluation.batch_size], batch_sizes=[1, cfg.evaluation.batch_size])
 
     # Evaluation touches the test split and the shift sets made from it, nothing else does.
-    t = time.perf_counter()
-    x_test, y_test = splits["test"]
-    shift_sets = suite.build(x_test, y_test)
-    evaluation, report_paths = evaluate_and_report(
-        model, x_test, y_test, suite, out_dir, shift_sets=shift_sets,
-        extra={"bundle": str(cfg.bundle_dir), "seed": cfg.seed},
-        **OmegaConf.to_container(cfg.evaluation, resolve=True),
-    )
-    seconds["evaluate"] = time.perf_counter() - t
+    with watch.step("evaluate"):
+        x_test, y_test = splits["test"]
+        shift_sets = suite.build(x_test, y_test)
+        evaluation, report_paths = evaluate_and_report(
+            model, x_test, y_test, suite, out_dir, shift_sets=shift_sets,
+            extra={"bundle": str(cfg.bundle_dir), "seed": cfg.seed},
+            **OmegaConf.to_container(cfg.evaluation, resolve=True),
+        )
 
-    t = time.perf_counter()
-    bundle_dir = Path(cfg.bundle_dir)
-    # With the ONNX stage graphs inside, the bundle also loads with backend="onnxruntime".
-    save(model, bundle_dir, evaluation=headline_metrics(evaluation),
-         degradation=OmegaConf.to_container(cfg.degradation, resolve=True), onnx=bool(cfg.onnx.export))
-    onnx_report: dict[str, Any] = {}
-    if cfg.onnx.export:
-        onnx_path = export_onnx(model, out_dir / "model.onnx", variant=cfg.onnx.variant)
-        onnx_report = check_onnx_parity(model, onnx_path, x_test)
-    seconds["export"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t_start
+    with watch.step("export"):
+        bundle_dir = Path(cfg.bundle_dir)
+        # With the ONNX stage graphs inside, the bundle also loads with backend="onnxruntime".
+        save(model, bundle_dir, evaluation=headline_metrics(evaluation),
+             degradation=OmegaConf.to_container(cfg.degradation, resolve=True), onnx=bool(cfg.onnx.export))
+        onnx_report: dict[str, Any] = {}
+        if cfg.onnx.export:
+            onnx_path = export_onnx(model, out_dir / "model.onnx", variant=cfg.onnx.variant)
+            onnx_report = check_onnx_parity(model, onnx_path, x_test)
+    seconds = {**watch.seconds, "total": watch.elapsed()}
 
     clean = evaluation.per_set[CLEAN]
     shift = {

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fallbackformer.gates import ScoreDriftMonitor, fit_temperature
-from fallbackformer.gates.drift import _ks_from_counts
+from fallbackformer.gates.drift import ks_from_counts
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ def _first_alarms(monitor, streams):
     w, n_ref = monitor.window, ref.numel()
     for t in range(w, streams.shape[1] + 1, monitor.check_every):
         order = streams[:, t - w : t].argsort(dim=1)
-        d = _ks_from_counts(right[:, t - w : t].gather(1, order), left[:, t - w : t].gather(1, order), n_ref)
+        d = ks_from_counts(right[:, t - w : t].gather(1, order), left[:, t - w : t].gather(1, order), n_ref)
         first = torch.where((d >= monitor.critical_value) & (first < 0), torch.full_like(first, t), first)
     return first
 
