@@ -3,7 +3,8 @@
 The template (``BENCHMARKS.md.tmpl`` beside this module) holds all the prose; Python only formats
 values. Placeholders are ``${dotted.path}`` or ``${dotted.path|format}`` into the results, with the
 formats of :data:`FORMATS`. A line that starts with ``?? `` is optional: it is dropped when one of its
-placeholders is missing (a variant the config left out); any other missing placeholder is an error.
+placeholders is missing (a variant the config left out); any other missing placeholder is an error. A
+figure stored as ``null`` (undefined on this run: NaN) reads ``n/a``; ``"inf"`` reads ``inf``.
 Each section's text lies between ``<!-- section: NAME -->`` and ``<!-- end: NAME -->`` and is rendered
 only when the run has that section; a section that reports a ``status`` (not available, failed) is
 rendered as its heading and that status; a section the template does not know is rendered as a
@@ -102,8 +103,8 @@ class _Fields(Mapping[str, str]):
             if not isinstance(value, Mapping) or part not in value:
                 raise KeyError(key)
             value = value[part]
-        if value is None:
-            raise KeyError(key)
+        if value is None:  # a figure that is undefined on this run (NaN, stored as null)
+            return "n/a"
         return FORMATS[form](value) if form else fmt(value)
 
     def __iter__(self) -> Iterator[str]:
