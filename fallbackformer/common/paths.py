@@ -1,7 +1,8 @@
 """Who can serve an answer, by name, and what counts as a fallback: built here and nowhere else.
 
 The ``served_by`` vocabulary: ``exit_1`` .. ``exit_{E-1}`` (the primary's early exits, in order),
-``primary`` (its final head), ``student`` and ``default`` (the safe default). The primary's exits
+``primary`` (its final head), ``student``, ``cache`` (the response cache of the ladder) and
+``default`` (the safe default). The primary's exits
 and its final head are **the primary's own path**; an answer is a **fallback** when anything else
 served it. Events, ``FallbackModel.stats()``, the metrics, the monitors and the report all count
 fallbacks with :func:`is_fallback`.
@@ -19,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 __all__ = [
+    "CACHE",
     "DEFAULT",
     "EXIT_PREFIX",
     "PRIMARY",
@@ -36,6 +38,7 @@ __all__ = [
 EXIT_PREFIX = "exit_"
 PRIMARY = "primary"
 STUDENT = "student"
+CACHE = "cache"
 DEFAULT = "default"
 
 
