@@ -29,17 +29,18 @@ Two variants:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from fallbackformer.common.paths import served_by_codes  # the code table: codes[i] names code i
 
 if TYPE_CHECKING:  # pragma: no cover
     from fallbackformer.runtime.fallback_model import FallbackModel
 
 VARIANTS = ("where", "cond")
 OUTPUT_NAMES = ("prediction", "served_by", "confidence", "logits")
-DEFAULT = "default"
 
 
 def _cond(pred: Tensor, true_fn, false_fn, operands: tuple):
@@ -51,19 +52,6 @@ def _cond(pred: Tensor, true_fn, false_fn, operands: tuple):
     if torch.compiler.is_compiling():
         return torch.cond(pred, true_fn, false_fn, operands)
     return true_fn(*operands) if bool(pred) else false_fn(*operands)
-
-
-def served_by_codes(path_names: Sequence[str]) -> list[str]:
-    """The ``served_by`` code table: ``codes[i]`` is the name of code ``i``.
-
-    For a primary with ``E`` exits (the final head included): codes ``0 .. E-2`` are the early
-    exits ``exit_1 .. exit_{E-1}``, ``E-1`` is ``primary``, ``E`` is ``student``, ``E+1`` is
-    ``default``.
-
-    Args:
-        path_names: the model's paths in order, ``FallbackModel.path_names``.
-    """
-    return list(path_names) + [DEFAULT]
 
 
 class CombinedGraph(nn.Module):

@@ -34,15 +34,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from fallbackformer.common.jsonsafe import json_float, parse_json_float
+from fallbackformer.common.paths import is_primary_path
 from fallbackformer.runtime.clock import Clock, MonotonicClock
 
 __all__ = ["CacheConfig", "CacheLookup", "ResponseCache", "input_keys"]
 
 NS_PER_MS = 1_000_000
-
-
-def _is_primary_path(name: str) -> bool:
-    return name == "primary" or (name.startswith("exit_") and name[5:].isdigit())
 
 
 def input_keys(x: Tensor, bundle_id: str = "") -> list[bytes]:
@@ -85,7 +83,7 @@ class CacheConfig:
             raise ValueError(f"CacheConfig.min_confidence={self.min_confidence!r} must lie in [0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_entries": self.max_entries, "ttl_ms": "inf" if math.isinf(self.ttl_ms) else float(self.ttl_ms),
+        return {"max_entries": self.max_entries, "ttl_ms": json_float(self.ttl_ms),
                 "min_confidence": float(self.min_confidence)}
 
     @classmethod
@@ -95,7 +93,7 @@ class CacheConfig:
             raise ValueError(f"unknown cache fields {unknown}; known: ['max_entries', 'min_confidence', 'ttl_ms']")
         data = dict(data)
         if "ttl_ms" in data:
-            data["ttl_ms"] = float(data["ttl_ms"])
+            data["ttl_ms"] = parse_json_float(data["ttl_ms"])
         return cls(**data)
 
 
@@ -185,7 +183,7 @@ class ResponseCache:
                              f"{tuple(prediction.shape)}, {tuple(confidence.shape)}, {len(served_by)}"
                              + (f", logits {tuple(logits.shape)}" if logits is not None else ""))
         conf = confidence.detach().float().cpu()
-        keep = [i for i in range(b) if _is_primary_path(served_by[i]) and bool(torch.isfinite(conf[i]))
+        keep = [i for i in range(b) if is_primary_path(served_by[i]) and bool(torch.isfinite(conf[i]))
                 and float(conf[i]) >= self.config.min_confidence]
         if not keep:
             return 0

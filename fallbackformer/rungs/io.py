@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import nn
 
+from fallbackformer.common.jsonsafe import dumps
+
 __all__ = ["RUNG_FORMAT", "load_rung", "save_rung"]
 
 RUNG_FORMAT = "fallbackformer-rung/1"
@@ -42,7 +44,7 @@ def save_rung(module: nn.Module, folder: str | Path) -> Path:
     if name is None or kwargs is None:
         raise ValueError(f"the rung ({type(module).__name__}) was not built by fallbackformer.create_model, so it "
                          "cannot be rebuilt without pickling; build it with create_model('<registered name>', ...)")
-    if json.loads(json.dumps(kwargs)) != kwargs:
+    if json.loads(dumps(kwargs)) != kwargs:
         raise ValueError(f"the rung's registry_kwargs {kwargs!r} do not survive JSON; use numbers, strings, lists, dicts")
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     blob = save_bytes(state, metadata={"fallbackformer": RUNG_FORMAT})
@@ -51,7 +53,7 @@ def save_rung(module: nn.Module, folder: str | Path) -> Path:
     config = {"format": RUNG_FORMAT, "registry_name": name, "registry_kwargs": kwargs, "weights": WEIGHTS_FILE,
               "sha256": hashlib.sha256(blob).hexdigest()}
     _write_atomic(folder / WEIGHTS_FILE, blob)
-    _write_atomic(folder / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    _write_atomic(folder / CONFIG_FILE, (dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return folder
 
 

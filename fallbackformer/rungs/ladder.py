@@ -19,12 +19,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from fallbackformer.common.paths import CACHE, DEFAULT, PRIMARY, exit_index
 from fallbackformer.gates.gate import ConfidenceGate
 
 __all__ = ["CACHE", "RESERVED_NAMES", "Rung", "RungDecision", "check_ladder"]
 
-CACHE = "cache"
-RESERVED_NAMES = ("primary", "default", CACHE)
+RESERVED_NAMES = (PRIMARY, DEFAULT, CACHE)
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
@@ -57,7 +57,7 @@ class Rung:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ValueError(f"rung name {self.name!r} is not a served_by name; use lower case letters, digits and "
                              "'_', starting with a letter, at most 32 characters (e.g. 'tree')")
-        if self.name in RESERVED_NAMES or re.fullmatch(r"exit_\d+", self.name):
+        if self.name in RESERVED_NAMES or exit_index(self.name) is not None:
             raise ValueError(f"rung name {self.name!r} is taken by the runtime ({', '.join(RESERVED_NAMES)}, "
                              "exit_<i>); name the rung after what it is, e.g. 'tree' or 'linear'")
         if not isinstance(self.module, nn.Module):

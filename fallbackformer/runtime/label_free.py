@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fallbackformer.gates import scores
 from fallbackformer.runtime import reasons as R
 
 __all__ = ["METHODS", "DESCRIPTIONS", "WindowStats", "LabelFreeEstimator", "label_free_estimator", "SERVED_PREFIX",
@@ -318,7 +319,7 @@ def max_softmax(logits: torch.Tensor | None, n: int) -> list[float]:
     default's NaN row, or the empty logits of a call refused as invalid input)."""
     if logits is None or logits.dim() != 2 or logits.shape[0] != n or logits.shape[1] == 0:
         return [math.nan] * n
-    return torch.softmax(logits.detach().float(), -1).amax(-1).tolist()
+    return scores.max_softmax(logits.detach()).tolist()
 
 
 def label_free_estimator(model: Any) -> LabelFreeEstimator | None:

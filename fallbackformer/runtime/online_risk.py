@@ -173,15 +173,15 @@ class OnlineRiskController:
         router = getattr(model, "router", None)
         estimator = label_free_estimator(model)
         if router is not None:
-            return cls({"router": router.threshold}, {"router": (router.guarantee or {}).get("alpha")}, config, True,
-                       estimator)
+            alpha = router.guarantee.alpha if router.guarantee is not None else None
+            return cls({"router": router.threshold}, {"router": alpha}, config, True, estimator)
         thresholds, alphas = {}, {}
         for name in model.path_names:
             gate = model.gates[name]
             if math.isinf(float(gate.threshold)):
                 continue  # a gate that accepts nothing never answers: nothing to control
             thresholds[name] = gate.threshold
-            alphas[name] = (gate.guarantee or {}).get("alpha")
+            alphas[name] = gate.guarantee.alpha if gate.guarantee is not None else None
         return cls(thresholds, alphas, config, False, estimator)
 
     # ------------------------------------------------------------------ serving side

@@ -13,7 +13,6 @@ to ``label_free.json`` and ``label_free.md`` in the run directory.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ def run_label_free(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     from hydra.utils import instantiate
 
     import fallbackformer
+    from fallbackformer.common.jsonsafe import dumps
     from fallbackformer.evaluation.governance_report import label_free_line, label_free_rows, label_free_summary
     from fallbackformer.evaluation.label_free_eval import measure_label_free
     from fallbackformer.evaluation.report_tables import md_table
@@ -80,6 +80,6 @@ def run_label_free(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     out = _out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"bundle": str(cfg.bundle), **label_free_summary(entries), "fit": report or None}
-    (out / "label_free.json").write_text(json.dumps({"summary": summary, "sets": entries}, indent=2))
+    (out / "label_free.json").write_text(dumps({"summary": summary, "sets": entries}, indent=2, where="label_free.json"))
     (out / "label_free.md").write_text(f"# Label-free accuracy estimate\n\n{line}\n\n{table}\n")
     return summary, {"model": model, "entries": entries}

@@ -88,7 +88,7 @@ def _fit_router_once(seed: int) -> tuple[Router, Evidence, torch.Tensor]:
 def test_router_fits_and_round_trips_through_its_config():
     router, ev, labels = _fitted_router()
     certify(router, ev, labels, alpha=0.1, delta=0.1, covers={"clean_weight": 1.0, "corruptions": [], "severities": []})
-    assert router.guarantee["satisfied"]
+    assert router.guarantee.satisfied
     again = Router.from_config(router.to_config(), router.state_dict())
     for k in range(2):
         a1, c1, p1 = router.decide_exit(ev, k)
@@ -114,8 +114,8 @@ def test_unfitted_or_uncertifiable_router_answers_nothing():
     router, ev, labels = _fitted_router()
     assert math.isinf(float(router.threshold))
     certify(router, ev.select(torch.arange(10)), labels[:10], alpha=0.01, delta=0.1, covers={})
-    assert not router.guarantee["satisfied"] and math.isinf(float(router.threshold))
-    assert "answers nothing" in router.guarantee["reason"]
+    assert not router.guarantee.satisfied and math.isinf(float(router.threshold))
+    assert "answers nothing" in router.guarantee.reason
 
 
 def _synthetic_probs(s: int, n: int, e1: int, gen: torch.Generator) -> RouterProbabilities:
