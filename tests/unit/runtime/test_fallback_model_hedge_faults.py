@@ -38,10 +38,10 @@ def test_a_worker_that_dies_outside_the_walk_is_a_recorded_primary_error():
     class WorkerFault(BaseException):
         pass
 
-    def broken_stage(h):
+    def broken_stage(module, args):
         raise WorkerFault("worker infrastructure failure")
 
-    model._units["stage_0"] = broken_stage
+    model.primary.stages[0].register_forward_pre_hook(broken_stage)
     try:
         out = model(torch.zeros(2, 4))
         assert out.served_by == ["student", "student"]
