@@ -210,7 +210,7 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
     for free in ("evaluation", "degradation"):
         ctx.get(raw, free, free, dict, optional=True)
     onnx = ctx.get(raw, "onnx", "onnx", dict, optional=True)
-    onnx_files = _onnx_files(onnx)
+    onnx_files = onnx_graph_files(onnx)
     for rel in onnx_files:
         if rel not in files:
             raise ctx.fail("onnx", f"names {rel}, but the files list has no sha256 for {rel}")
@@ -352,14 +352,14 @@ def _parse_profile(ctx: _Ctx, raw: Mapping[str, Any]) -> "LatencyProfile | None"
     return _call(ctx, "latency_profile", LatencyProfile.from_dict, data)
 
 
-def _onnx_files(section: Any) -> list[str]:
+def onnx_graph_files(section: Any) -> list[str]:
     """Every file path named in the manifest's ``onnx`` section (strings ending in ``.onnx``)."""
     if isinstance(section, str):
         return [section] if section.endswith(".onnx") else []
     if isinstance(section, Mapping):
-        return [f for v in section.values() for f in _onnx_files(v)]
+        return [f for v in section.values() for f in onnx_graph_files(v)]
     if isinstance(section, (list, tuple)):
-        return [f for v in section for f in _onnx_files(v)]
+        return [f for v in section for f in onnx_graph_files(v)]
     return []
 
 
