@@ -64,7 +64,7 @@ class DecisionSteps:
         if self.router is not None:
             return self._all_live
         gates = self.gates
-        off = tuple(accepts_nothing(gates[name]) for _, name in self._early)
+        off = tuple([accepts_nothing(gates[name]) for _, name in self._early])
         live = self._live.get(off)
         if live is None:
             flags = [False] * len(self.stage_names)

@@ -52,10 +52,9 @@ def check_logits(logits: Any, n: int, name: str) -> None:
         raise ValueError(f"{name} returned {shape}; expected logits [{n}, C]")
 
 
-def _check_batch(h: Any, n: int, name: str) -> None:
-    if not isinstance(h, torch.Tensor) or h.dim() == 0 or h.shape[0] != n:
-        shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
-        raise ValueError(f"{name} returned {shape}; expected a batch of {n} samples")
+def _not_a_batch(h: Any, n: int, name: str) -> ValueError:
+    shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+    return ValueError(f"{name} returned {shape}; expected a batch of {n} samples")
 
 
 def _rows(t: torch.Tensor | None, active: torch.Tensor | None) -> torch.Tensor | None:
@@ -105,7 +104,8 @@ class PrimaryWalk:
                 if i == 0:
                     self.h = self._transform()
                 h = self.h = stages[i](self.h)
-                _check_batch(h, self.n, name)
+                if not isinstance(h, torch.Tensor) or h.dim() == 0 or h.shape[0] != self.n:
+                    raise _not_a_batch(h, self.n, name)
                 if not live[i]:
                     timings.append((name, self.n, (clock.now_ns() - now) / NS_PER_MS))
                     continue
