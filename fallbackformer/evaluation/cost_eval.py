@@ -206,9 +206,7 @@ def budget_sweep(
         if hasattr(timed, "warm_up"):
             timed.warm_up(x, repeats=8, discard=0, batch_sizes=[len(y)])
         for b in budgets_ms:
-            timed.policy = _sim_policy(model, b)
-            if hasattr(timed, "_sync"):
-                timed._sync()
+            timed.policy = _sim_policy(model, b)  # (applied when set)
             out = timed(x)
             n = len(y)
             fb = sum(s in (R.STUDENT, R.DEFAULT) for s in out.served_by) / n

@@ -36,11 +36,10 @@ class DecisionSteps:
         units: unit name -> callable: ``transform``, ``stage_<i>``, ``head_<i>``, ``student``.
     """
 
-    __slots__ = ("decisions", "units", "gates", "router", "stage_names", "exit_at", "heads", "last",
+    __slots__ = ("units", "gates", "router", "stage_names", "exit_at", "heads", "last",
                  "transform", "stages", "student", "_early", "_live", "_all_live")
 
     def __init__(self, decisions: "Decisions", units: dict[str, Callable[..., Any]]) -> None:
-        self.decisions = decisions
         self.units = units
         self.gates = decisions.gates
         self.router = decisions.router
