@@ -17,7 +17,7 @@ The parts live by what they own (their docstrings hold the exact definitions):
 * :mod:`~fallbackformer.evaluation.cost_eval`: FLOPs, stage latencies, the budget sweep.
 * :mod:`~fallbackformer.evaluation.containers`: :class:`Evaluation`, :class:`PathArrays`, the JSON sanitizer.
 =======
-* **fallback rate**: fraction of answers served by the student or the safe default.
+* **fallback rate**: fraction of answers not served by the primary's own path (exits are that path).
 * **selective risk** (per set, ``selective_risk``):
   ``system``: error rate of the non-default answers, against the loosest ``alpha`` of the gates;
   ``<path>``: the path's gate applied alone to that path's logits on every sample (exactly what

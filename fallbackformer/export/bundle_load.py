@@ -22,7 +22,7 @@ from fallbackformer.export.manifest import (
     Manifest,
     ModelEntry,
     decode_manifest,
-    onnx_graph_files,
+    onnx_files,
     parse_manifest,
 )
 
@@ -111,7 +111,7 @@ def verify_files(path: str | Path, manifest: Mapping[str, Any]) -> dict[str, str
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{path / MANIFEST} lists no files; re-save the bundle with ff.save")
-    needed = [m["file"] for m in manifest["models"].values()] + onnx_graph_files(manifest.get("onnx"))
+    needed = [m["file"] for m in manifest["models"].values()] + onnx_files(manifest.get("onnx"))
     for name in needed:
         if name not in files:
             raise BundleError(f"{path / MANIFEST} has no sha256 for {name}; re-save the bundle with ff.save")

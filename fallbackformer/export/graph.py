@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from fallbackformer.runtime.decisions import DEFAULT, Answer, initial_answer, served_by_codes, take
+from fallbackformer.common.paths import DEFAULT, served_by_codes  # the code table: codes[i] names code i
+from fallbackformer.runtime.decisions import Answer, initial_answer, take
 
 if TYPE_CHECKING:  # pragma: no cover
     from fallbackformer.runtime.fallback_model import FallbackModel

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from fallbackformer.common.jsonsafe import parse_json_float
+
 if TYPE_CHECKING:  # pragma: no cover
     from fallbackformer.gates.gate import ConfidenceGate
     from fallbackformer.runtime.fallback_model import FallbackModel
@@ -81,6 +83,14 @@ def register_section(section: ManifestSection) -> ManifestSection:
         raise ValueError(f"{section.name!r} is a core manifest field; choose another section name")
     _SECTIONS[section.name] = section
     return section
+
+
+def unregister_section(name: str) -> ManifestSection | None:
+    """Remove the optional section ``name`` (a plug-in unloaded, a test's stand-in); ``None`` if absent.
+
+    Bundles that carry the section are refused at load from then on, as any unknown field is.
+    """
+    return _SECTIONS.pop(name, None)
 
 
 def registered_sections() -> dict[str, ManifestSection]:
@@ -210,8 +220,8 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
     for free in ("evaluation", "degradation"):
         ctx.get(raw, free, free, dict, optional=True)
     onnx = ctx.get(raw, "onnx", "onnx", dict, optional=True)
-    onnx_files = onnx_graph_files(onnx)
-    for rel in onnx_files:
+    graphs = onnx_files(onnx)
+    for rel in graphs:
         if rel not in files:
             raise ctx.fail("onnx", f"names {rel}, but the files list has no sha256 for {rel}")
     router = ctx.get(raw, "router", "router", dict, optional=True)
@@ -234,7 +244,7 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
         class_names=class_names,
         latency_profile=_parse_profile(ctx, raw),
         onnx=onnx,
-        onnx_files=onnx_files,
+        onnx_files=graphs,
         raw=raw,
         sections=sections,
         router=router,
@@ -315,7 +325,7 @@ def _parse_policy(ctx: _Ctx, raw: Mapping[str, Any]) -> "Policy":
     from fallbackformer.runtime.policy import Policy
 
     data = ctx.get(raw, "policy", "policy", dict)
-    decoded = {k: (float(v) if isinstance(v, str) and v in ("inf", "-inf", "nan") else v) for k, v in data.items()}
+    decoded = {k: (parse_json_float(v) if isinstance(v, str) and v in ("inf", "-inf", "nan") else v) for k, v in data.items()}
     return _call(ctx, "policy", Policy.from_dict, decoded)
 
 
@@ -352,15 +362,17 @@ def _parse_profile(ctx: _Ctx, raw: Mapping[str, Any]) -> "LatencyProfile | None"
     return _call(ctx, "latency_profile", LatencyProfile.from_dict, data)
 
 
-def onnx_graph_files(section: Any) -> list[str]:
+def onnx_files(section: Any) -> list[str]:
     """Every file path named in the manifest's ``onnx`` section (strings ending in ``.onnx``)."""
     if isinstance(section, str):
         return [section] if section.endswith(".onnx") else []
     if isinstance(section, Mapping):
-        return [f for v in section.values() for f in onnx_graph_files(v)]
+        return [f for v in section.values() for f in onnx_files(v)]
     if isinstance(section, (list, tuple)):
-        return [f for v in section for f in onnx_graph_files(v)]
+        return [f for v in section for f in onnx_files(v)]
     return []
+
+
 
 
 # ---------------------------------------------------------------------- decoding and the digest

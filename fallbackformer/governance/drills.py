@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from fallbackformer.common.jsonsafe import dumps
+from fallbackformer.common.paths import is_primary_path
 from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.breaker import BreakerConfig
 from fallbackformer.runtime.clock import HANG, FakeClock, ScriptedDelay
@@ -264,7 +266,7 @@ def _check(drill: Drill, out: FallbackOutput, budget_ms: float, logged: list[dic
     wrong = sorted({r for r in out.reason if r != drill.reason})
     if wrong:
         problems.append(f"reasons {wrong} where every sample should give {drill.reason!r}")
-    if any(s in (R.PRIMARY,) or s.startswith("exit_") for s in out.served_by):
+    if any(is_primary_path(s) for s in out.served_by):
         problems.append(f"served_by {sorted(set(out.served_by))}: the primary answered despite the fault")
     if not out.latency_ms <= budget_ms:
         problems.append(f"answered in {out.latency_ms:g} ms, over the budget {budget_ms:g} ms")
@@ -330,7 +332,7 @@ def write_report(report: DrillReport, out_dir: str | os.PathLike[str]) -> tuple[
 
     out_dir = Path(out_dir)
     jpath, hpath = out_dir / "drill.json", out_dir / "drill.html"
-    jpath.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+    jpath.write_text(dumps(report.to_dict(), indent=2, where="drill report") + "\n", encoding="utf-8")
     rows = "".join(
         f"<tr><td>{html.escape(r.name)}</td><td><code>{r.reason}</code></td>"
         f"<td style='color:{'green' if r.passed else 'red'}'>{'PASS' if r.passed else 'FAIL'}</td>"

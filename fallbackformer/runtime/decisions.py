@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from fallbackformer.common.paths import served_by_codes
 from fallbackformer.gates.evidence import Evidence
 from fallbackformer.gates.router import Router
 from fallbackformer.models.multi_exit import MultiExitNet
@@ -34,26 +35,12 @@ from fallbackformer.runtime import reasons as R
 if TYPE_CHECKING:  # pragma: no cover
     from fallbackformer.runtime.steps import DecisionSteps
 
-__all__ = ["DEFAULT", "Decisions", "gates_by_name", "served_by_codes"]
+__all__ = ["Answer", "Decisions", "accepts_nothing", "gates_by_name", "initial_answer", "take"]
 
-DEFAULT = R.DEFAULT
 TRANSFORM_UNIT = "transform"
 
 #: (prediction [B] long, served_by code [B] long, confidence [B] float32, logits [B, C] float32)
 Answer = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-def served_by_codes(path_names: Sequence[str]) -> list[str]:
-    """The ``served_by`` code table: ``codes[i]`` is the name of code ``i``.
-
-    For a primary with ``E`` exits (the final head included): codes ``0 .. E-2`` are the early
-    exits ``exit_1 .. exit_{E-1}``, ``E-1`` is ``primary``, ``E`` is ``student``, ``E+1`` is
-    ``default``.
-
-    Args:
-        path_names: the model's paths in order, ``FallbackModel.path_names``.
-    """
-    return list(path_names) + [DEFAULT]
 
 
 def gates_by_name(gates: Sequence[nn.Module] | Mapping[str, nn.Module], names: list[str]) -> dict[str, nn.Module]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# served_by values besides "exit_<i>": named in fallbackformer.common.paths, re-exported here.
+from fallbackformer.common.paths import DEFAULT, PRIMARY, STUDENT
+
 LOW_CONFIDENCE = "low_confidence"
 DEADLINE_PREDICTED = "deadline_predicted"
 DEADLINE_EXCEEDED = "deadline_exceeded"
@@ -23,8 +26,3 @@ REASONS: tuple[str, ...] = (
     CALIBRATION_DRIFT,
     ROUTER_PREFERRED,
 )
-
-# served_by values besides "exit_<i>".
-PRIMARY = "primary"
-STUDENT = "student"
-DEFAULT = "default"

@@ -1,10 +1,11 @@
 """Records: the runtime's counters and the fallback events of every answer.
 
 Every answer is tallied (who served each sample, why); the tallies are queued per call and counted
-in batches of :data:`TALLY_BATCH`, and :meth:`Records.counters` always counts them all. Every answer
-not served by the primary becomes one :class:`~fallbackformer.runtime.events.FallbackEvent` per
-sample: sinks that declare ``nonblocking = True`` get them on the caller's thread, in order; the
-others on the event dispatcher's thread, never on the caller's time (a full queue drops and counts).
+in batches of :data:`TALLY_BATCH`, and :meth:`Records.counters` always counts them all. Every
+fallback (an answer not served by the primary's own path, :func:`~fallbackformer.common.paths.is_fallback`)
+becomes one :class:`~fallbackformer.runtime.events.FallbackEvent`: sinks that declare
+``nonblocking = True`` get them on the caller's thread, in order; the others on the event
+dispatcher's thread, never on the caller's time (a full queue drops and counts).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from fallbackformer.runtime import reasons as R
+from fallbackformer.common.paths import fallback_count, is_fallback
 from fallbackformer.runtime.dispatch import EventDispatcher, build_events, deliver
 from fallbackformer.runtime.events import EventSink
 from fallbackformer.runtime.output import FallbackOutput
@@ -66,7 +67,7 @@ class Records:
         with self.lock:
             self._tally_locked()
             total = sum(self.served_counts.values())
-            fallbacks = self.served_counts[R.STUDENT] + self.served_counts[R.DEFAULT]
+            fallbacks = sum(n for who, n in self.served_counts.items() if is_fallback(who))
             dispatcher = self._dispatcher
             return {
                 "calls": self.calls,
@@ -105,7 +106,7 @@ class Records:
         if len(tallies) >= TALLY_BATCH:
             with self.lock:
                 self._tally_locked()
-        if not sinks or all(who == R.PRIMARY for who in out.served_by):
+        if not sinks or not fallback_count(out.served_by):
             return
         extra = governance.event_state() if governance is not None else {}  # (issue 14)
         payload = (out.request_id, time.time(), tuple(out.served_by), tuple(out.reason), out.confidence.tolist(),

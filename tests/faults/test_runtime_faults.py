@@ -6,6 +6,7 @@ turns a would-be hang into a failure.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -97,18 +98,19 @@ def test_a_blocking_sink_never_holds_the_call_and_a_full_queue_drops_and_counts(
 
 
 def test_latency_ms_is_the_whole_call_including_the_bookkeeping_after_the_answer():
-    model, clock, _, _ = build([2.0, 2.0], budget_ms=20.0, hedge="off")
+    # the primary's gate accepts nothing: the student answers at 2 + 1 ms, and its event is given
+    # to an in-caller sink that takes 3 ms more
+    model, clock, _, _ = build([2.0], student_script=1.0, thresholds=[math.inf, 0.5], budget_ms=20.0, hedge="off")
 
-    class SlowInlineSink:  # an inline sink runs on the caller's thread, after the answer is made
-        nonblocking = True
+    class SlowSink:
+        nonblocking = True  # given its events on the caller's thread
 
         def emit(self, event):
             clock.advance(3.0)
 
-    model.sinks.append(SlowInlineSink())
-    model.gates["exit_1"].threshold.fill_(0.0)  # exit_1 answers: an event (exits are not the primary)
+    model.sinks = [SlowSink()]
     out = model(X)
-    assert out.served_by == ["exit_1"] and out.latency_ms == pytest.approx(5.0)
+    assert out.served_by == [R.STUDENT] and out.latency_ms == pytest.approx(6.0)
 
 
 def test_a_stuck_worker_does_not_starve_the_next_calls_and_is_counted():
@@ -132,17 +134,21 @@ def test_calls_beyond_max_concurrency_are_served_by_the_student_at_once():
     model, _, _, _ = build([0.0], student_script=0.0, clock=MonotonicClock(), budget_ms=1e6, hedge="off",
                            max_concurrency=1)
     entered, release = threading.Event(), threading.Event()
+    stage = model.primary.stages[0]  # a ScriptedDelay: its inner module is swapped below
+    identity = stage.inner
 
-    def blocking(module, args):  # the first call blocks in its stage until released
-        if not entered.is_set():
+    class Blocking(torch.nn.Module):
+        def forward(self, h):
             entered.set()
             release.wait(10.0)
+            return identity(h)
 
-    model.primary.stages[0].register_forward_pre_hook(blocking)
+    stage.inner = Blocking()
     worker = threading.Thread(target=model, args=(X,), daemon=True)
     worker.start()
     try:
         assert entered.wait(10.0)
+        stage.inner = identity
         out = model(X)
         assert out.served_by == [R.STUDENT] and out.reason == [R.DEADLINE_PREDICTED]
         assert model.stats()["concurrency_refused"] == 1
@@ -155,7 +161,7 @@ def test_calls_beyond_max_concurrency_are_served_by_the_student_at_once():
 def test_a_batch_over_max_batch_is_split_or_refused_as_the_policy_says():
     model, _, stages, _ = build([1.0], budget_ms=20.0, hedge="off", max_batch=4)
     sizes: list[int] = []
-    model.primary.stages[0].register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    stages[0].register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     out = model(torch.zeros(10, 4))
     assert out.served_by == [R.PRIMARY] * 10 and out.prediction.shape == (10,) and out.logits.shape == (10, 3)
     assert sizes == [4, 4, 2] and out.latency_ms <= 20.0

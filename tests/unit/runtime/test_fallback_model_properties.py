@@ -58,14 +58,13 @@ def _model(sysd: dict[str, Any], **policy: Any):
 
 
 class _StartSpy:
-    """Checks the admission inequality each time its stage starts (a forward pre-hook)."""
+    """A forward pre-hook: checks the admission inequality each time its stage starts."""
 
     def __init__(self, index: int, ctx: dict[str, Any]) -> None:
         self.index, self.ctx = index, ctx
 
-    def __call__(self, module: nn.Module, args: tuple[torch.Tensor]) -> None:
-        ctx, i = self.ctx, self.index
-        h = args[0]
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        h, ctx, i = args[0], self.ctx, self.index
         model = ctx["model"]
         elapsed = (model.clock.now_ns() - ctx["start_ns"]) / NS
         live = ctx["live"] + [True]
@@ -80,12 +79,12 @@ class _StartSpy:
 
 
 class _AnswerSpy:
-    """Records when each exit head answered, per call (a forward hook)."""
+    """A forward hook: records when each exit head answered, per call."""
 
     def __init__(self, name: str, ctx: dict[str, Any]) -> None:
         self.name, self.ctx = name, ctx
 
-    def __call__(self, module: nn.Module, args: tuple[torch.Tensor], out: torch.Tensor) -> None:
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         self.ctx["answered"][self.name] = self.ctx["model"].clock.now_ns()
 
 
