@@ -3,6 +3,8 @@ tested statistically over many random calibration/test splits."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import pytest
@@ -59,6 +61,13 @@ def test_mahalanobis_against_brute_force():
 
 
 def _fitted_router(seed: int = 0) -> tuple[Router, Evidence, torch.Tensor]:
+    """A fresh copy of one fitted router (fitted once per seed: each test may certify its own copy)."""
+    router, ev, labels = _fit_router_once(seed)
+    return copy.deepcopy(router), ev, labels
+
+
+@functools.lru_cache(maxsize=None)
+def _fit_router_once(seed: int) -> tuple[Router, Evidence, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     n, c, e = 600, 4, 3
     labels = torch.randint(0, c, (n,), generator=g)
