@@ -11,6 +11,7 @@ BREAKER_OPEN = "breaker_open"
 INVALID_INPUT = "invalid_input"
 CALIBRATION_DRIFT = "calibration_drift"
 ROUTER_PREFERRED = "router_preferred"  # the router judged the student more likely right than the primary
+RUNG_DISAGREEMENT = "rung_disagreement"  # the agreement veto: no vetoing rung predicted the same class
 
 REASONS: tuple[str, ...] = (
     LOW_CONFIDENCE,
@@ -22,9 +23,14 @@ REASONS: tuple[str, ...] = (
     INVALID_INPUT,
     CALIBRATION_DRIFT,
     ROUTER_PREFERRED,
+    RUNG_DISAGREEMENT,
 )
 
 # served_by values besides "exit_<i>".
 PRIMARY = "primary"
 STUDENT = "student"
 DEFAULT = "default"
+CACHE = "cache"
+
+#: the reasons for which the primary's path could not answer at all (the response cache may serve)
+PRIMARY_DOWN: frozenset[str] = frozenset({DEADLINE_PREDICTED, DEADLINE_EXCEEDED, PRIMARY_ERROR, BREAKER_OPEN})

@@ -66,7 +66,8 @@ class Records:
         with self.lock:
             self._tally_locked()
             total = sum(self.served_counts.values())
-            fallbacks = self.served_counts[R.STUDENT] + self.served_counts[R.DEFAULT]
+            fallbacks = sum(v for k, v in self.served_counts.items()  # every answer off the primary's path
+                            if k != R.PRIMARY and not k.startswith("exit_"))
             dispatcher = self._dispatcher
             return {
                 "calls": self.calls,
