@@ -233,6 +233,11 @@ def save(
     router = getattr(model, "router", None)
     if router is not None:  # its tensors in a weights file, its construction and guarantee in the manifest
         manifest["router"] = {**_json_safe(router.to_config(), "router"), "file": ROUTER_FILE}
+    ladder = _ladder_entry(model)
+    if ladder is not None:
+        manifest["ladder"] = ladder
+        for rung in model.fallbacks:
+            states[rung.name] = _state_for_file(rung.module)
     from fallbackformer.export.bounds import enforce_bounds  # bounds as code (issue 14)
 
     enforce_bounds(manifest, f"ff.save to {path}")
@@ -244,6 +249,9 @@ def save(
             # One metadata key: safetensors writes metadata in hash-map order, so two keys would make
             # the same model's bytes (and hashes) differ from save to save.
             (tmp / filename).write_bytes(_safetensors_bytes(states[role], {"fallbackformer": f"{FORMAT}/{role}"}))
+        for rung in model.fallbacks:
+            (tmp / rung_file(rung.name)).write_bytes(
+                _safetensors_bytes(states[rung.name], {"fallbackformer": f"{FORMAT}/rung/{rung.name}"}))
         if router is not None:
             (tmp / ROUTER_FILE).write_bytes(_safetensors_bytes(_state_for_file(router), {"fallbackformer": f"{FORMAT}/router"}))
         if onnx:
@@ -268,6 +276,27 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def rung_file(name: str) -> str:
+    """The weights file of fallback rung ``name``."""
+    return f"rung_{name}.safetensors"
+
+
+def _ladder_entry(model: "FallbackModel") -> dict[str, Any] | None:
+    """The manifest's ``ladder`` field (``None`` for the single-student form): all data, no code."""
+    rungs, cache = model.fallbacks, model.cache
+    default = model.runtime.default
+    if not rungs and not model.veto and cache is None and default is None:
+        return None
+    entries = []
+    for rung in rungs:
+        entry = _registry_entry(rung.module, f"rung {rung.name}")
+        _check_rebuild(entry, _state_for_file(rung.module), f"rung {rung.name}")
+        entries.append({"name": rung.name, **entry, "file": rung_file(rung.name)})
+    return {"rungs": entries, "veto": list(model.veto),
+            "cache": None if cache is None else _json_safe(cache.config.to_dict(), "ladder.cache"),
+            "default": None if default is None else _json_safe(default.to_dict(), "ladder.default")}
 
 
 def _safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

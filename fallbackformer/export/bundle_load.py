@@ -146,9 +146,13 @@ def _build_model(entry: ModelEntry, role: str, path: Path) -> nn.Module:
 
 def load_weights(path: Path, manifest: Manifest, role: str, blob: bytes) -> nn.Module:
     """Rebuild ``role`` from the bytes already read and hashed: shapes checked on meta, then built."""
+    return load_entry(path, manifest.models[role], role, blob)
+
+
+def load_entry(path: Path, entry: ModelEntry, role: str, blob: bytes) -> nn.Module:
+    """Rebuild the model of a manifest ``entry`` from its weights' bytes (already read and hashed)."""
     from safetensors.torch import load as load_bytes
 
-    entry = manifest.models[role]
     entry_dict = {"registry_name": entry.registry_name, "registry_kwargs": entry.registry_kwargs}
     shapes = bundle_io.safetensors_shapes(blob, entry.file, path)
     with torch.device("meta"):
@@ -239,6 +243,7 @@ def load(
     else:
         primary = load_weights(path, manifest, "primary", blobs[manifest.models["primary"].file])
         student = load_weights(path, manifest, "student", blobs[manifest.models["student"].file])
+    ladder = _load_ladder(path, manifest, blobs)  # (takes the rungs' gates out of manifest.gates)
     try:
         model = FallbackModel(
             primary,
@@ -251,6 +256,7 @@ def load(
             class_names=manifest.class_names,
             profile=manifest.latency_profile,
             router=router,
+            **ladder,
         )
     except (ValueError, TypeError, KeyError) as exc:
         raise BundleError(
@@ -262,14 +268,29 @@ def load(
             f"{path / MANIFEST}: manifest field paths {manifest.paths} differ from the rebuilt model's "
             f"{model.path_names}; re-save the bundle with ff.save"
         )
+    rung_entries = manifest.ladder["rungs"] if manifest.ladder is not None else []
     model.model_hashes = {role: hashes[entry.file] for role, entry in manifest.models.items()} | {
-        "manifest": manifest.raw[DIGEST_FIELD]
-    }
+        name: hashes[entry.file] for name, entry in rung_entries} | {"manifest": manifest.raw[DIGEST_FIELD]}
+    if model.cache is not None:  # its answers belong to this bundle: another bundle's never serve here
+        model.cache.bind(manifest.raw[DIGEST_FIELD])
     model.bundle_manifest = manifest.raw
     model.bundle_sections = manifest.sections
     model.bounds_breaches = breaches
     model.warm_report = model.eval().warm_start() if warm_up else None
     return model
+
+
+def _load_ladder(path: Path, manifest: Manifest, blobs: Mapping[str, bytes]) -> dict[str, Any]:
+    """The ``FallbackModel`` arguments of the manifest's ladder: rungs (weights from their files, gates from
+    ``gates``), veto, cache config, typed default; nothing for the single-student form."""
+    ladder = manifest.ladder
+    if ladder is None:
+        return {}
+    from fallbackformer.rungs.ladder import Rung
+
+    rungs = [Rung(name, load_entry(path, entry, f"rung {name}", blobs[entry.file]), manifest.gates.pop(name, None))
+             for name, entry in ladder["rungs"]]
+    return {"fallbacks": rungs, "veto": ladder["veto"], "cache": ladder["cache"], "default": ladder["default"]}
 
 
 def _load_router(path: Path, manifest: Manifest, blobs: Mapping[str, bytes]) -> Any:

@@ -16,7 +16,10 @@ gate accepts and its logits are finite; a sample whose logits are not finite goe
 rejections get the default. Invalid input samples (non-finite, or outside the input spec's range)
 get the default: a graph cannot raise, so ``Policy.on_invalid_input="raise"`` becomes ``"default"``.
 What a graph cannot hold: the deadline, the circuit breaker, hedging and error recovery; those
-live in :class:`~fallbackformer.runtime.fallback_model.FallbackModel`.
+live in :class:`~fallbackformer.runtime.fallback_model.FallbackModel`. A ladder's model rungs (tree
+and linear rungs, further students) and its agreement veto are in the graph, each rung with its own
+``served_by`` code; the response cache and a callable default stay in the runtime (the export warns
+and says which), and the graph's default is the typed default's single class or ``-1``.
 
 Two variants:
 
@@ -30,6 +33,8 @@ Two variants:
 """
 
 from __future__ import annotations
+
+import warnings
 
 from typing import TYPE_CHECKING
 
@@ -46,6 +51,37 @@ __all__ = ["DEFAULT", "OUTPUT_NAMES", "VARIANTS", "CombinedGraph", "served_by_co
 
 VARIANTS = ("where", "cond")
 OUTPUT_NAMES = ("prediction", "served_by", "confidence", "logits")
+
+
+def default_class_of(model: "FallbackModel") -> int:
+    """The safe default's class in a graph: the typed default's single class (``-1`` where it abstains or
+    answers a set)."""
+    from fallbackformer.rungs.defaults import ConstantClass, Prior
+
+    default = model.runtime.default
+    if isinstance(default, (ConstantClass, Prior)):
+        return int(default.class_index)
+    if default is not None:
+        return -1
+    return -1 if model.policy.default_class is None else int(model.policy.default_class)
+
+
+def runtime_only_parts(model: "FallbackModel") -> list[str]:
+    """What of the ladder a graph cannot carry: the response cache (state), a user's callable default
+    (Python), a coarse default's sets and a prior's confidence (the graph answers -1 / the class, NaN)."""
+    from fallbackformer.rungs.defaults import Coarse, Prior
+
+    parts = []
+    if model.cache is not None:
+        parts.append("the response cache")
+    default = model.runtime.default
+    if isinstance(default, Coarse):
+        parts.append("the coarse default's prediction sets")
+    elif isinstance(default, Prior):
+        parts.append("the prior default's confidence")
+    elif default is not None and default.kind == "callable":
+        parts.append(f"the callable default {default.name!r}")
+    return parts
 
 
 def _cond(pred: Tensor, true_fn, false_fn, operands: tuple):
@@ -85,11 +121,18 @@ class CombinedGraph(nn.Module):
         if model.router is not None and variant != "where":
             raise ValueError(f"variant {variant!r} does not carry a router yet; export a routed model with "
                              "variant='where' (the student and every stage run, the router selects per sample)")
+        if model.decisions.rungs and variant != "where":
+            raise ValueError(f"variant {variant!r} does not carry the ladder's rungs {list(model.decisions.rungs)}; "
+                             "export it with variant='where' (every rung runs, Where selects per sample)")
+        runtime_only = runtime_only_parts(model)
+        if runtime_only:
+            warnings.warn(f"the exported graph leaves out {', '.join(runtime_only)}: they run in the runtime only "
+                          "(a graph holds no state and no Python); the graph's default is the class "
+                          f"{default_class_of(model)} (-1: abstain)", UserWarning, stacklevel=2)
         self.codes = served_by_codes(self.path_names)
         self.default_code = len(self.codes) - 1
         self.student_code = len(self.codes) - 2
-        default_class = model.policy.default_class
-        self.default_prediction = -1 if default_class is None else int(default_class)
+        self.default_prediction = default_class_of(model)
         spec = model.input_spec
         if spec is not None and spec.value_range is not None:
             lo, hi = spec.value_range

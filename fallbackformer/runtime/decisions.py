@@ -13,8 +13,11 @@ Two ways to run it:
   deadline between them and lets answered samples leave the batch; the
   :class:`~fallbackformer.runtime.steps.DecisionSteps` it drives makes the same per-sample decisions.
 
-The fallback rungs are a sequence so that a ladder (several students or classical rungs tried in
-order) can be added later; the runtime serves the first rung, ``"student"``.
+The fallback rungs are a sequence, the ladder: the student first, then any named rungs (classical
+models, reduced-input students) tried in order, each with its own gate. With a router, the router
+judges the student; the rungs after it keep their gates. An optional agreement veto (``veto``, the
+names of rungs) keeps an answer of the primary's path or the student only where at least one of
+those rungs predicts the same class; a vetoed answer goes down the ladder (``rung_disagreement``).
 """
 
 from __future__ import annotations
@@ -65,9 +68,13 @@ class Decisions(nn.Module):
     Args:
         primary: the primary, a :class:`MultiExitNet`.
         fallbacks: the fallback rungs in order, each mapping the raw input ``[B, ...]`` to logits
-            ``[B, C]``; today exactly one, the student.
-        gates: one gate per path (``[exit_1, ..., primary, student]``), a sequence or a mapping.
+            ``[B, C]``; the student first.
+        gates: one gate per path (``[exit_1, ..., primary, student, *rungs]``), a sequence or a mapping.
         router: a certified router that decides at every exit from the evidence instead of the gates.
+        fallback_names: the ``served_by`` name of each fallback rung; ``["student", ...]`` (the default
+            names only the student).
+        veto: names of fallback rungs (after the student) whose agreement an answer of the primary's
+            path or the student needs; empty: no veto.
     """
 
     def __init__(
@@ -76,6 +83,8 @@ class Decisions(nn.Module):
         fallbacks: Sequence[nn.Module],
         gates: Sequence[nn.Module] | Mapping[str, nn.Module],
         router: Router | None = None,
+        fallback_names: Sequence[str] | None = None,
+        veto: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if not isinstance(primary, MultiExitNet):
@@ -84,15 +93,25 @@ class Decisions(nn.Module):
                 "Wrap your model: MultiExitNet(stages=[...blocks...], heads={last_index: head})"
             )
         fallbacks = list(fallbacks)
-        if len(fallbacks) != 1:
-            raise ValueError(f"got {len(fallbacks)} fallback rungs; the runtime serves exactly one (the student)")
+        names = [R.STUDENT] if fallback_names is None else list(fallback_names)
+        if len(names) != len(fallbacks) or not names or names[0] != R.STUDENT:
+            raise ValueError(f"fallback_names {names} must name each of the {len(fallbacks)} fallback rungs, "
+                             "'student' first")
+        veto = list(veto)
+        if not set(veto) <= set(names[1:]) or len(set(veto)) != len(veto):
+            raise ValueError(f"veto {veto} must name distinct rungs of the ladder after the student: {names[1:]}")
+        if veto and router is not None:
+            raise ValueError("the agreement veto works with the gates; a router already judges the primary "
+                             "against the student. Drop veto= or the router")
         if router is not None and router.num_exits != primary.num_exits:
             raise ValueError(f"the router routes {router.num_exits} heads; the primary has {primary.num_exits}. "
                              "Fit the router on this primary")
         self.primary = primary
         self.fallbacks = nn.ModuleList(fallbacks)
         #: the served_by name of each fallback rung, in order
-        self.fallback_names: list[str] = [R.STUDENT]
+        self.fallback_names: list[str] = names
+        #: the rungs whose agreement an answer of the primary's path or the student needs (empty: no veto)
+        self.veto: tuple[str, ...] = tuple(veto)
         #: every path in order: the exits (the primary's final head last), then the fallback rungs
         self.path_names: list[str] = primary.exit_names + self.fallback_names
         self.gates = nn.ModuleDict(gates_by_name(gates, self.path_names))
@@ -105,6 +124,11 @@ class Decisions(nn.Module):
     def student(self) -> nn.Module:
         """The first fallback rung: raw input ``[B, ...]`` to logits ``[B, C]``."""
         return self.fallbacks[0]
+
+    @property
+    def rungs(self) -> dict[str, nn.Module]:
+        """The fallback rungs after the student, by name, in order."""
+        return dict(zip(self.fallback_names[1:], list(self.fallbacks)[1:]))
 
     @property
     def codes(self) -> list[str]:
@@ -162,9 +186,43 @@ class Decisions(nn.Module):
                 answer = initial_answer(x, logits, len(self.path_names), default_prediction)
             alive, to_student, answer = self.after_exit(k, k == last, logits, alive, to_student, answer)
             k += 1
-        logits = self.student(x)  # [B, C]
-        accepted, conf, _ = self.gate_decision(len(self.path_names) - 1, logits)
-        return take(to_student & accepted, len(self.path_names) - 1, logits, conf, answer)
+        rung_logits = [rung(x) for rung in self.fallbacks]  # [B, C] each
+        agree = self.agreement(rung_logits)
+        if agree is not None:  # primary-path answers without a vetoing rung's agreement go down the ladder
+            served = answer[1] < self.primary.num_exits
+            vetoed = served & ~agree(answer[0])
+            answer = untake(vetoed, len(self.path_names), default_prediction, answer)
+            to_student = to_student | vetoed
+        return self.down_the_ladder(to_student, rung_logits, answer, agree, 0)
+
+    def agreement(self, rung_logits: Sequence[Tensor]) -> Callable[[Tensor], Tensor] | None:
+        """``prediction [B] -> [B]``: whether a vetoing rung predicts the same class; ``None`` without a veto."""
+        if not self.veto:
+            return None
+        votes = [rung_logits[self.fallback_names.index(n)].argmax(dim=1) for n in self.veto]  # [B] each
+
+        def agree(prediction: Tensor) -> Tensor:
+            ok = torch.zeros_like(prediction, dtype=torch.bool)
+            for vote in votes:
+                ok = ok | (vote == prediction)
+            return ok
+
+        return agree
+
+    def down_the_ladder(self, waiting: Tensor, rung_logits: Sequence[Tensor], answer: Answer,
+                        agree: Callable[[Tensor], Tensor] | None, start: int) -> Answer:
+        """Fallback rungs ``start ..`` in order serve what their gates accept among ``waiting`` [B]; the
+        student's answers need the veto's agreement (when there is one)."""
+        first = len(self.primary.exit_names)
+        for j in range(start, len(self.fallbacks)):
+            code = first + j
+            accepted, conf, _ = self.gate_decision(code, rung_logits[j])
+            took = waiting & accepted
+            if j == 0 and agree is not None:
+                took = took & agree(rung_logits[j].argmax(dim=1))
+            answer = take(took, code, rung_logits[j], conf, answer)
+            waiting = waiting & ~took
+        return answer
 
     def gate_decision(self, k: int, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Gate of path ``k`` on ``logits`` [B, C]: (accepted [B], confidence [B], finite [B])."""
@@ -187,7 +245,8 @@ class Decisions(nn.Module):
     def _forward_routed(self, x: Tensor, alive: Tensor, default_prediction: int) -> Answer:
         """The router's decisions: the student first, then the router at every exit from the evidence."""
         router = self.router
-        student_code = len(self.path_names) - 1
+        valid = alive
+        student_code = len(self.primary.exit_names)
         to_student = torch.zeros_like(alive)  # [B] samples the student alone judges
         student_logits = self.student(x).float()  # [B, C]
         evidence = Evidence(student_logits=student_logits)
@@ -217,7 +276,14 @@ class Decisions(nn.Module):
                 to_student = to_student | (alive & ~accepted & ~finite)
             k += 1
         accepted, conf, _ = router.decide_student_alone(student_logits)
-        return take(to_student & accepted, student_code, student_logits, conf, answer)
+        took = to_student & accepted
+        answer = take(took, student_code, student_logits, conf, answer)
+        if len(self.fallbacks) == 1:
+            return answer
+        # the rungs after the student: what the router sent to the fallbacks and did not serve
+        waiting = valid & (answer[1] == len(self.path_names))
+        rung_logits = [student_logits] + [rung(x) for rung in list(self.fallbacks)[1:]]
+        return self.down_the_ladder(waiting, rung_logits, answer, None, 1)
 
 
 def initial_answer(x: Tensor, logits: Tensor, default_code: int, default_prediction: int) -> Answer:
@@ -237,6 +303,16 @@ def take(took: Tensor, code: int, logits: Tensor, conf: Tensor, answer: Answer) 
     pred = torch.where(took, logits.argmax(dim=1), pred)
     confidence = torch.where(took, conf, confidence)
     out_logits = torch.where(took[:, None], logits.float(), out_logits)
+    return pred, served, confidence, out_logits
+
+
+def untake(rows: Tensor, default_code: int, default_prediction: int, answer: Answer) -> Answer:
+    """The rows ``rows`` [B] back to the default (an answer the veto refused)."""
+    pred, served, confidence, out_logits = answer
+    served = torch.where(rows, torch.full_like(served, default_code), served)
+    pred = torch.where(rows, torch.full_like(pred, default_prediction), pred)
+    confidence = torch.where(rows, torch.full_like(confidence, float("nan")), confidence)
+    out_logits = torch.where(rows[:, None], torch.full_like(out_logits, float("nan")), out_logits)
     return pred, served, confidence, out_logits
 
 

@@ -34,7 +34,11 @@ from fallbackformer.gates.router import Router
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.runtime.breaker import CircuitBreaker
 from fallbackformer.runtime.clock import Clock
-from fallbackformer.runtime.decisions import Decisions
+from fallbackformer.rungs.cache import CacheConfig, ResponseCache
+from fallbackformer.rungs.defaults import SafeDefault, default_from_policy
+from fallbackformer.rungs.ladder import Rung, check_ladder
+from fallbackformer.runtime import reasons as R
+from fallbackformer.runtime.decisions import Decisions, gates_by_name
 from fallbackformer.runtime.events import EventSink
 from fallbackformer.runtime.latency import LatencyProfile
 from fallbackformer.runtime.output import FallbackOutput
@@ -44,7 +48,22 @@ from fallbackformer.runtime.units import CompileFn
 from fallbackformer.runtime.validation import InputSpec
 from fallbackformer.runtime.warm import warm_start
 
-__all__ = ["FallbackModel"]
+__all__ = ["FallbackModel", "ladder_gates"]
+
+
+def ladder_gates(primary: MultiExitNet, gates: Sequence[ConfidenceGate] | Mapping[str, ConfidenceGate],
+                 rungs: Sequence[Rung]) -> Any:
+    """The gates of every path: the user's for the exits and the student, each rung's own after them."""
+    if not isinstance(primary, MultiExitNet):  # (Decisions says how to wrap it)
+        return gates if isinstance(gates, Mapping) else list(gates)
+    names = primary.exit_names + [R.STUDENT]
+    own = gates_by_name(gates, names)
+    for rung in rungs:
+        if rung.gate is None:
+            raise ValueError(f"rung {rung.name!r} has no gate; give it one calibrated on held-out data: "
+                             f"Rung({rung.name!r}, module, ff.calibrate(...)-style ConfidenceGate)")
+        own[rung.name] = rung.gate
+    return own
 
 
 class FallbackModel(nn.Module):
@@ -66,6 +85,16 @@ class FallbackModel(nn.Module):
         router: a certified :class:`~fallbackformer.gates.router.Router`. With one, the student runs
             first for every valid sample and the router decides at every exit from the evidence
             (the gates then only serve the calibration-drift check); without, each gate decides alone.
+        fallbacks: the ladder's further rungs after the student, each a
+            :class:`~fallbackformer.rungs.Rung` (a name, a module, its gate), tried in order; each
+            answers as ``served_by=<its name>`` and is bounded in time like the student.
+        veto: names of rungs in ``fallbacks`` (classical ones, say): an answer of the primary's path or
+            the student is kept only where at least one of them predicts the same class; otherwise it
+            goes down the ladder with ``rung_disagreement``. Off (empty) by default.
+        cache: a :class:`~fallbackformer.rungs.CacheConfig` for the response cache rung, consulted for
+            identical inputs when the primary's path cannot answer (``served_by="cache"``).
+        default: a typed safe default (:class:`~fallbackformer.rungs.SafeDefault`); ``None``: the
+            policy's ``default_class`` (a class, or -1 to abstain).
 
     The modules are read when the model is built: to swap a stage, head or student, build a new model
     (:meth:`rebuild`). Gates may be replaced (``model.gates["exit_1"] = gate``) or changed in place.
@@ -89,11 +118,18 @@ class FallbackModel(nn.Module):
         profile: LatencyProfile | None = None,
         breaker: CircuitBreaker | None = None,
         router: Router | None = None,
+        fallbacks: Sequence[Rung] = (),
+        veto: Sequence[str] = (),
+        cache: CacheConfig | None = None,
+        default: SafeDefault | None = None,
     ) -> None:
         super().__init__()
-        self.decisions = Decisions(primary, [student], gates, router)
+        rungs = list(fallbacks)
+        names = [R.STUDENT] + check_ladder(rungs)
+        self.decisions = Decisions(primary, [student] + [r.module for r in rungs],
+                                   ladder_gates(primary, gates, rungs), router, fallback_names=names, veto=veto)
         self.runtime = Runtime(self.decisions, policy, input_spec=input_spec, clock=clock, sinks=sinks,
-                               profile=profile, breaker=breaker)
+                               profile=profile, breaker=breaker, cache=cache, default=default)
         self.class_names = list(class_names) if class_names is not None else None
 
     def forward(self, x: torch.Tensor) -> FallbackOutput:
@@ -119,6 +155,26 @@ class FallbackModel(nn.Module):
     def student(self) -> nn.Module:
         """The student: raw input ``[B, ...]`` to logits ``[B, C]``."""
         return self.decisions.student
+
+    @property
+    def fallbacks(self) -> list[Rung]:
+        """The ladder's rungs after the student, in order (with their current gates)."""
+        return [Rung(name, module, self.gates[name]) for name, module in self.decisions.rungs.items()]
+
+    @property
+    def veto(self) -> tuple[str, ...]:
+        """The rungs whose agreement an answer of the primary's path or the student needs (empty: no veto)."""
+        return self.decisions.veto
+
+    @property
+    def cache(self) -> ResponseCache | None:
+        """The response cache rung, or ``None``."""
+        return self.runtime.cache
+
+    @property
+    def default(self) -> SafeDefault:
+        """The typed safe default (the policy's ``default_class`` as one when none was given)."""
+        return self.runtime.default or default_from_policy(self.policy.default_class)
 
     @property
     def gates(self) -> nn.ModuleDict:
@@ -282,8 +338,10 @@ class FallbackModel(nn.Module):
         """
         args: dict[str, Any] = {
             "primary": self.primary, "student": self.student,
-            "gates": {n: self.gates[n] for n in self.path_names}, "policy": self.runtime.base_policy,
-            "input_spec": self.input_spec, "class_names": self.class_names, "router": self.router,
+            "gates": {n: self.gates[n] for n in self.primary.exit_names + [R.STUDENT]},
+            "policy": self.runtime.base_policy, "input_spec": self.input_spec, "class_names": self.class_names,
+            "router": self.router, "fallbacks": self.fallbacks, "veto": self.veto,
+            "cache": None if self.cache is None else self.cache.config, "default": self.runtime.default,
         }
         args.update(changes)
         return FallbackModel(**args).train(self.training)

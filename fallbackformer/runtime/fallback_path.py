@@ -46,8 +46,10 @@ def student_first(rt: "Runtime", x: torch.Tensor, valid: torch.Tensor | None, st
 
 
 def student_logits(rt: "Runtime", xs: torch.Tensor, n: int, state: RequestState,
-                   policy: "Policy") -> torch.Tensor | None:
-    """The student's logits on ``xs`` (``n`` samples), timed; ``None`` when it failed or was late.
+                   policy: "Policy", name: str = R.STUDENT) -> torch.Tensor | None:
+    """The student's (or the fallback rung ``name``'s) logits on ``xs`` (``n`` samples), timed; ``None``
+    when it failed or was late. Every rung runs like the student: on its worker pool under
+    ``hedge="always"``, bounded by the deadline.
 
     With ``hedge="always"`` it runs on a worker and the caller waits no later than the deadline
     less the margin; a late student is cancelled (its worker counted stuck until it returns) and
@@ -55,7 +57,7 @@ def student_logits(rt: "Runtime", xs: torch.Tensor, n: int, state: RequestState,
     """
     clock = rt.clock
     t0 = clock.now_ns()
-    unit = rt.steps.student
+    unit = rt.steps.student if name == R.STUDENT else rt.steps.rungs[name]
     try:
         if policy.hedge != "always":
             logits = unit(xs)
@@ -64,17 +66,17 @@ def student_logits(rt: "Runtime", xs: torch.Tensor, n: int, state: RequestState,
             result = hedger.run(unit, state.deadline_ns - int(policy.margin_ms * NS_PER_MS), xs)
             if result.status in (HedgeStatus.TIMEOUT, HedgeStatus.BUSY):
                 state.student_late = True
-                state.add_detail("student did not answer by the deadline" if result.status == HedgeStatus.TIMEOUT
-                                 else "student workers busy")
+                state.add_detail(f"{name} did not answer by the deadline" if result.status == HedgeStatus.TIMEOUT
+                                 else f"{name} workers busy")
                 return None
             if result.error is not None:
                 raise result.error
             logits = result.value
-        check_logits(logits, n, R.STUDENT)
+        check_logits(logits, n, name)
     except Exception as exc:  # the default (already in place) serves
-        state.add_detail(f"student {type(exc).__name__}: {exc}"[:200])
+        state.add_detail(f"{name} {type(exc).__name__}: {exc}"[:200])
         return None
-    rt.profile.record(R.STUDENT, n, (clock.now_ns() - t0) / NS_PER_MS)
+    rt.profile.record(name, n, (clock.now_ns() - t0) / NS_PER_MS)
     return logits
 
 
@@ -93,6 +95,8 @@ def student_answer(rt: "Runtime", x: torch.Tensor, idx: torch.Tensor, state: Req
     if logits is None:
         return None  # the default (already in place) serves
     state.num_classes = logits.shape[1]
+    if rt.default is not None:  # a typed default reads the best logits there are
+        state.keep_fallback_logits(idx, logits)
     accept, conf, prediction = steps.decide(R.STUDENT, logits)  # never accepts a non-finite row
     return idx, logits, accept, conf, prediction
 

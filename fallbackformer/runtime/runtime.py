@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from fallbackformer.rungs.cache import CacheConfig, ResponseCache
+from fallbackformer.rungs.defaults import SafeDefault
 from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.admission import AdmissionPlan, AdmissionPlanner
 from fallbackformer.runtime.breaker import BreakerConfig, BreakerState, CircuitBreaker
@@ -43,6 +45,7 @@ from fallbackformer.runtime.events import EventSink
 from fallbackformer.runtime.fallback_path import run_student, student_first
 from fallbackformer.runtime.hedged_call import hedged_primary
 from fallbackformer.runtime.hedging import Hedger
+from fallbackformer.runtime.ladder_path import apply_default, run_ladder
 from fallbackformer.runtime.latency import LatencyProfile
 from fallbackformer.runtime.output import FallbackOutput
 from fallbackformer.runtime.policy import Policy
@@ -69,11 +72,14 @@ class Runtime:
         sinks: receivers of fallback events.
         profile: the latency profile admission reads (a fresh one by default).
         breaker: a circuit breaker to use instead of the one ``policy.breaker`` describes.
+        cache: the response cache rung's configuration (``None``: no cache).
+        default: the typed safe default (``None``: ``policy.default_class`` decides, as a class or -1).
     """
 
     def __init__(self, decisions: Decisions, policy: Policy | None = None, *, input_spec: InputSpec | None = None,
                  clock: Clock | None = None, sinks: Iterable[EventSink] = (), profile: LatencyProfile | None = None,
-                 breaker: CircuitBreaker | None = None) -> None:
+                 breaker: CircuitBreaker | None = None, cache: CacheConfig | None = None,
+                 default: SafeDefault | None = None) -> None:
         policy = policy if policy is not None else Policy()
         self.decisions = decisions
         self.input_spec = input_spec
@@ -100,6 +106,7 @@ class Runtime:
         self._ids = itertools.count()
         self._id_prefix = uuid.uuid4().hex[:8]
         self.steps = decisions.steps()
+        self.cache, self.default = ladder_ends(cache, default, policy, self.clock)
         self._policy: Policy | None = None
         self.policy = policy
 
@@ -237,19 +244,31 @@ class Runtime:
                 outcome = self._primary(x, valid, state, policy, n_valid, over)
                 if outcome is not None:
                     self._after_primary(outcome, state.primary_ms, policy)
-                rest = state.unserved(valid, x.device)
-                if rest is not None and rest.numel() > 0:
-                    run_student(self, x, rest, state, policy)
+                if self.has_ladder:
+                    run_ladder(self, x, valid, state, policy)
+                else:
+                    rest = state.unserved(valid, x.device)
+                    if rest is not None and rest.numel() > 0:
+                        run_student(self, x, rest, state, policy)
                 if state.student_late:  # the student could not answer in time: the default did
                     late = state.unserved(valid, x.device)
                     if late is not None:
                         state.set_reason(late, R.DEADLINE_EXCEEDED, b, caller=True)
             latency_ms = (self.clock.now_ns() - start_ns) / NS_PER_MS
             out = state.output(latency_ms, f"{self._id_prefix}-{seq}", default_prediction(policy), x.device)
+            if self.default is not None:
+                apply_default(self, out, x, state)
+            if self.cache is not None:  # confident answers of the primary's path, for identical inputs later
+                self.cache.store(x, out.prediction, out.confidence, out.served_by, out.logits)
             self._watch(out, state, policy)
         self.records.record(out, state, policy.budget_ms, self.sinks, self.model_hashes, self.governor,
                             policy.event_queue)
         return out
+
+    @property
+    def has_ladder(self) -> bool:
+        """Whether anything besides the student stands between the primary and the default."""
+        return bool(self.steps.rungs) or bool(self.steps.veto) or self.cache is not None
 
     def _valid_indices(self, x: torch.Tensor, state: RequestState, policy: Policy) -> torch.Tensor | None:
         """Indices of the valid samples, ``None`` when all are (the fast path: one reduction)."""
@@ -400,6 +419,21 @@ class Runtime:
             if hedger is not None:
                 hedger.close(timeout_s)
         self.records.close(timeout_s)
+
+
+def ladder_ends(cache: CacheConfig | None, default: SafeDefault | None, policy: Policy,
+                clock: Clock) -> tuple[ResponseCache | None, SafeDefault | None]:
+    """The response cache (on the runtime's clock) and the typed default, checked."""
+    if cache is not None and not isinstance(cache, CacheConfig):
+        raise TypeError(f"cache must be a fallbackformer.rungs.CacheConfig or None; got {type(cache).__name__}")
+    if default is not None:
+        if not isinstance(default, SafeDefault):
+            raise TypeError(f"default must be a fallbackformer.rungs.SafeDefault (Abstain, ConstantClass, Prior, "
+                            f"Coarse, CallableDefault); got {type(default).__name__}")
+        if policy.default_class is not None:
+            raise ValueError(f"both Policy.default_class={policy.default_class} and default={default!r} are set; "
+                             "give the default one way: default=ConstantClass(c), and default_class=None")
+    return (None if cache is None else ResponseCache.from_config(cache, clock)), default
 
 
 def default_prediction(policy: Policy) -> int:

@@ -70,7 +70,7 @@ def choose_compiled(decisions: Decisions, compile_fn: CompileFn, x: torch.Tensor
 def _unit_inputs(decisions: Decisions, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each unit's real input on the raw batch ``x``."""
     primary = decisions.primary
-    inputs = {TRANSFORM_UNIT: x, R.STUDENT: x}
+    inputs = {TRANSFORM_UNIT: x, **{name: x for name in decisions.fallback_names}}
     h = primary.input_transform(x)
     for i, stage in enumerate(primary.stages):
         inputs[decisions.stage_names[i]] = h
@@ -101,6 +101,11 @@ def timed_pass(steps: DecisionSteps, x: torch.Tensor, clock: Clock, profile: Lat
     steps.gates[R.STUDENT](logits)
     if profile is not None:
         profile.record(R.STUDENT, n, (clock.now_ns() - t0) / NS_PER_MS)
+    for name, rung in steps.rungs.items():
+        t0 = clock.now_ns()
+        steps.gates[name](rung(x))
+        if profile is not None:
+            profile.record(name, n, (clock.now_ns() - t0) / NS_PER_MS)
 
 
 def batch_of(x: torch.Tensor, bs: int) -> torch.Tensor:

@@ -79,13 +79,18 @@ def test_the_decisions_depend_on_the_inputs_only(model):
     assert torch.equal(first[0][:8], torch.cat([r[0] for r in rows]))
 
 
-def test_the_fallback_rungs_are_a_sequence_of_one_for_now():
+def test_the_fallback_rungs_are_a_named_sequence_the_student_first():
     primary, student, gates = _parts()
     decisions = Decisions(primary, [student], gates)
     assert decisions.fallback_names == ["student"] and decisions.student is student
     assert decisions.codes == ["exit_1", "exit_2", "exit_3", "primary", "student", "default"]
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="must name each"):
         Decisions(primary, [student, student], gates)
+    two = Decisions(primary, [student, student], gates + [gates[-1]], fallback_names=["student", "again"])
+    assert two.codes[-3:] == ["student", "again", "default"] and list(two.rungs) == ["again"]
+    with pytest.raises(ValueError, match="veto"):
+        Decisions(primary, [student, student], gates + [gates[-1]], fallback_names=["student", "again"],
+                  veto=["student"])
     with pytest.raises(TypeError, match="MultiExitNet"):
         Decisions(student, [student], gates)
 
