@@ -22,6 +22,7 @@ Faults that a policy must allow for a reason to exist (``on_invalid_input="defau
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import os
 from collections.abc import Callable
@@ -207,6 +208,34 @@ def _router_preferred(ctx: DrillContext) -> tuple[FallbackOutput, dict[str, Any]
                                                "threshold 0: the student is judged more likely right"}
 
 
+class _Contrarian(torch.nn.Module):
+    """A rung that votes for the primary's least likely class: it agrees with no answer of the primary."""
+
+    def __init__(self, primary: torch.nn.Module) -> None:
+        super().__init__()
+        self.primary = primary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.primary(x)[-1]
+
+
+def _rung_disagreement(ctx: DrillContext) -> tuple[FallbackOutput, dict[str, Any]]:
+    from fallbackformer.gates.gate import ConfidenceGate
+    from fallbackformer.rungs.ladder import Rung
+
+    loaded, clock = ctx.model()
+    rung = Rung("contrarian", _Contrarian(loaded.primary), ConfidenceGate(threshold=math.inf))
+    model = loaded.rebuild(router=None, fallbacks=[rung], veto=["contrarian"], clock=clock, sinks=ctx.sinks)
+    model.model_hashes = loaded.model_hashes
+    ctx.cleanups.append(lambda: model.close(timeout_s=1.0))
+    for name in model.primary.exit_names[:-1]:  # the final head answers every sample ...
+        model.gates[name].threshold.fill_(math.inf)
+    model.gates[R.PRIMARY].threshold.fill_(-math.inf)
+    model.gates[R.STUDENT].threshold.fill_(math.inf)  # ... and the veto sends each to the default
+    return model(ctx.inputs(model)), {"fault": "a vetoing rung that votes for the primary's least likely class; "
+                                               "the final head accepts every sample, the student none"}
+
+
 @dataclass(frozen=True)
 class Drill:
     """A named fault and the reason it must produce."""
@@ -227,6 +256,7 @@ DRILLS: tuple[Drill, ...] = (
     Drill("invalid_input", R.INVALID_INPUT, _invalid_input),
     Drill("calibration_drift", R.CALIBRATION_DRIFT, _drift),
     Drill("router_preferred", R.ROUTER_PREFERRED, _router_preferred),
+    Drill("rung_disagreement", R.RUNG_DISAGREEMENT, _rung_disagreement),
 )
 
 

@@ -165,7 +165,11 @@ def join_outputs(parts: list[FallbackOutput]) -> FallbackOutput:
     width = max(p.logits.shape[1] for p in parts)
     logits = [p.logits if p.logits.shape[1] == width else torch.full((len(p), width), float("nan"), device=p.logits.device)
               for p in parts]
+    typed = any(p._prediction_set is not None for p in parts)
+    sets = torch.cat([p.prediction_set for p in parts]) if typed and all(
+        p.logits.shape[1] == width for p in parts) else None
     return FallbackOutput(
+        _prediction_set=sets,
         prediction=torch.cat([p.prediction for p in parts]),
         served_by=[w for p in parts for w in p.served_by],
         reason=[r for p in parts for r in p.reason],

@@ -16,9 +16,12 @@ LARGE_BATCH_ACTIONS = ("split", "raise")
 COMPILE_MODES = ("off", "on", "auto")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Policy:
     """What the runtime promises and how it degrades.
+
+    Frozen: derive a changed policy with ``dataclasses.replace(policy, budget_ms=...)`` and assign it
+    (``model.policy = ...``); the model applies it then (breaker, rollback, worker pools, compile).
 
     Attributes:
         budget_ms: the latency budget of one call.
@@ -163,7 +166,7 @@ class Policy:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"Policy.{name} must be an int >= 1, or None for no limit; got {v!r}")
         if isinstance(self.breaker, Mapping):  # from a manifest or a Hydra config
-            self.breaker = BreakerConfig.from_dict(dict(self.breaker))
+            object.__setattr__(self, "breaker", BreakerConfig.from_dict(dict(self.breaker)))
         if self.breaker is not None and not isinstance(self.breaker, BreakerConfig):
             raise ValueError(
                 f"Policy.breaker must be a BreakerConfig, its dict, or None; got {type(self.breaker).__name__}"
