@@ -48,3 +48,30 @@ def test_the_checks_can_fail(tmp_path):
     (pkg / "long.py").write_text("def f():\n" + "    x = 1\n" * 70 + "\n" * 500)
     assert module_lengths(pkg)["pkg/long.py"] > MAX_MODULE_LINES
     assert function_lengths(pkg)["pkg/long.py:1 f"] == 71
+
+
+MARKERS = ("<" * 7 + " ", "=" * 7 + "\n", ">" * 7 + " ")  # written split so this file never matches itself
+
+
+def unresolved_merges(root: Path) -> list[str]:
+    """Files under ``root`` (code, docs, configs) with a line that starts like a merge conflict marker."""
+    hits = []
+    tops = [root / d for d in ("fallbackformer", "tests", "docs", "configs", "scripts", ".ci")]
+    paths = [p for top in tops if top.is_dir() for p in top.rglob("*")] + sorted(root.glob("*.*"))
+    for path in sorted(paths):
+        if path.suffix not in {".py", ".md", ".yaml", ".txt", ".toml"} or not path.is_file():
+            continue
+        lines = path.read_text(errors="replace").splitlines(keepends=True)
+        if any(line.startswith(MARKERS) for line in lines):
+            hits.append(str(path.relative_to(root)))
+    return hits
+
+
+def test_no_merge_conflict_marker_is_left_anywhere():
+    root = PACKAGE.parent
+    assert not unresolved_merges(root), f"unresolved merge conflicts in {unresolved_merges(root)}"
+
+
+def test_the_marker_check_can_fail(tmp_path):
+    (tmp_path / "a.md").write_text("text\n" + "<" * 7 + " HEAD\nx\n" + "=" * 7 + "\ny\n" + ">" * 7 + " other\n")
+    assert unresolved_merges(tmp_path) == ["a.md"]
