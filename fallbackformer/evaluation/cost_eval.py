@@ -41,7 +41,9 @@ def path_flops(model: FallbackModel, example: Tensor) -> dict[str, Any]:
     Returns:
         ``{"cascade": {exit_k | "primary": FLOPs when that head serves, all earlier heads included},
         "alone": {path: FLOPs of that path run by itself}, "student": FLOPs, "fallback": FLOPs of a
-        student answer after the whole primary}``.
+        student answer after the whole primary, "ladder": {rung: FLOPs of its answer, the whole primary,
+        the student and the rungs before it included}}``. Tree rungs count ~0 (their gathers are not
+        multiply-adds): their cost shows in the measured latency.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -70,11 +72,18 @@ def path_flops(model: FallbackModel, example: Tensor) -> dict[str, Any]:
             k += 1
     student_f, _ = count(model.student, x)
     alone[R.STUDENT] = student_f
+    ladder: dict[str, int] = {}  # a rung's answer: the whole primary, the student and every rung up to it
+    total = cascade[R.PRIMARY] + student_f
+    for name, rung in model.decisions.rungs.items():
+        alone[name], _ = count(rung, x)
+        total += alone[name]
+        ladder[name] = total
     return {
         "cascade": cascade,
         "alone": alone,
         "student": student_f,
         "fallback": cascade[R.PRIMARY] + student_f,
+        "ladder": ladder,
         "note": "FlopCounterMode counts matmul/conv/bmm FLOPs (2 per multiply-add); elementwise ops and "
         "interpolation are not counted",
     }
@@ -92,6 +101,8 @@ def answer_flops(served_by: Sequence[str], reasons: Sequence[str], flops: Mappin
     for who, why in zip(served_by, reasons):
         if who in flops["cascade"]:
             total += flops["cascade"][who]
+        elif who in flops.get("ladder", {}):
+            total += flops["ladder"][who]
         elif why == R.INVALID_INPUT:
             continue
         elif why == R.BREAKER_OPEN:
@@ -103,12 +114,13 @@ def answer_flops(served_by: Sequence[str], reasons: Sequence[str], flops: Mappin
 
 @torch.inference_mode()
 def measure_stage_latency(model: FallbackModel, example: Tensor, reps: int = 30, warmup: int = 5) -> dict[str, float]:
-    """Median single-sample wall time (ms) of each primary stage (its head included) and the student.
+    """Median single-sample wall time (ms) of each primary stage (its head included), the student and
+    each further rung of the ladder.
 
     The input transform is counted in the first stage. Uses ``time.perf_counter_ns`` (real time).
 
     Returns:
-        ``{"stage_0": ms, ..., "student": ms, "total_primary": ms}``.
+        ``{"stage_0": ms, ..., "student": ms, <rung>: ms, ..., "total_primary": ms}``.
     """
     primary: MultiExitNet = model.primary
     x = example[:1]
@@ -134,6 +146,8 @@ def measure_stage_latency(model: FallbackModel, example: Tensor, reps: int = 30,
 
         out[f"stage_{i}"] = timed(run)
     out[R.STUDENT] = timed(lambda: model.student(x))
+    for name, rung in model.decisions.rungs.items():  # the ladder's further rungs, each alone
+        out[name] = timed(lambda rung=rung: rung(x))
     out["total_primary"] = sum(v for k, v in out.items() if k.startswith("stage_"))
     return out
 

@@ -25,6 +25,8 @@ from fallbackformer.evaluation.governance_report import governance_section, labe
 from fallbackformer.evaluation.report_figures import HEADLINE_FIGURE, make_figures
 from fallbackformer.evaluation.report_tables import (
     ce_rows,
+    coarse_line,
+    ladder_rows,
     disparity_rows,
     drift_line,
     drift_rows,
@@ -72,6 +74,9 @@ def render_markdown(ev: Evaluation, title: str, figure_files: Mapping[str, str] 
     parts += ["", "Per set, worst silent error first:", "", md_table(silent_error_rows(ev))]
     parts += ["", "## Headline", "", *[f"- {l}" for l in guarantee_lines(ev)]]
     parts += ["", "## Paths and gates", "", md_table(gate_rows(ev))]
+    parts += ["", "## The ladder, rung by rung", "", md_table(ladder_rows(ev))]
+    if coarse_line(ev):
+        parts += ["", coarse_line(ev)]
     parts += ["", "## Across severities", "", md_table(summary_rows(ev)), "", "Corruption errors (mean over severities):", "",
               md_table(ce_rows(ev))]
     drift = drift_line(ev)
@@ -231,6 +236,9 @@ def render_html(ev: Evaluation, title: str, figures: Mapping[str, Any], extra: M
         h.append(f"<div class='callout {cls}'>{html.escape(line)}</div>")
 
     h.append("<h2>Paths and gates</h2>" + html_table(gate_rows(ev)))
+    h.append("<h2>The ladder, rung by rung</h2>" + html_table(ladder_rows(ev)))
+    if coarse_line(ev):
+        h.append(f"<p>{html.escape(coarse_line(ev))}</p>")
     h.append("<h2>Across severities</h2>" + html_table(summary_rows(ev)))
     ce = ce_rows(ev)
     if ce:

@@ -15,6 +15,7 @@ __all__ = [
     "fmt", "pct", "mflops", "md_table", "html_table", "per_set_rows", "metric_rows", "risk_rows", "summary_rows",
     "ce_rows", "slice_rows", "disparity_rows", "drift_rows", "drift_line", "gate_rows", "oracle_rows",
     "guarantee_lines", "headline_rows", "silent_error_rows", "failure_detection_rows", "verdict_text",
+    "ladder_rows", "coarse_line",
 ]
 
 
@@ -71,6 +72,54 @@ def per_set_rows(ev: Evaluation) -> list[list[str]]:
             ", ".join(e["guarantee_broken"]) or "",
         ])
     return rows
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def ladder_rows(ev: Evaluation) -> list[list[str]]:
+    """The ladder rung by rung (the primary, the student, every further rung, each alone) against the
+    system and the best single path: accuracy and gate coverage clean and under shift (mean over the
+    shift sets), cost (FLOPs alone, measured single-sample latency)."""
+    rungs = [p for p in ev.paths if exit_index(p) is None]  # primary, student, further rungs
+    shifted = [e for k, e in ev.per_set.items() if k != CLEAN]
+    clean = ev.per_set.get(CLEAN, {})
+    lat = dict(ev.stage_latency_ms or {})
+    lat.setdefault("primary", lat.get("total_primary"))
+    rows = [["path", "accuracy clean", "coverage clean", "accuracy shift", "coverage shift", "silent error shift",
+             "MFLOPs alone", "latency ms alone"]]
+    for p in rungs + ["system"]:
+        acc_c = clean.get("accuracy", {}).get(p)
+        cov_c = clean.get("coverage", {}).get(p)
+        acc_s = _mean([e["accuracy"].get(p) for e in shifted])
+        cov_s = _mean([e["coverage"].get(p) for e in shifted])
+        silent = fmt(ev.summary.get("silent_error")) if p == "system" else ""
+        rows.append(["ladder (system)" if p == "system" else p, fmt(acc_c), pct(cov_c), fmt(acc_s), pct(cov_s), silent,
+                     mflops(ev.flops.get("alone", {}).get(p)) if p != "system" else "", fmt(lat.get(p), 3)])
+    best = [e.get("best_single_path") for e in ev.per_set.values() if e.get("best_single_path")]
+    if best:
+        shift_best = [b for k, b in ((k, e.get("best_single_path")) for k, e in ev.per_set.items()) if k != CLEAN and b]
+        c = clean.get("best_single_path") or {}
+        rows.append([f"best single path (clean: {c.get('path', '–')})", fmt(c.get("accuracy")), "", fmt(
+            _mean([b["accuracy"] for b in shift_best])), "", "", "", ""])
+    return rows
+
+
+def coarse_line(ev: Evaluation) -> str | None:
+    """Coarse answers (prediction -1 with a set of classes): abstentions for accuracy, reported here."""
+    per = {k: e.get("coarse") for k, e in ev.per_set.items() if e.get("coarse")}
+    if not any(c["n"] for c in per.values()):
+        return None
+    clean = per.get(CLEAN) or {}
+    shifted = [c for k, c in per.items() if k != CLEAN]
+    n = sum(c["n"] for c in shifted)
+    holds = sum(c["n"] * c["contains_label"] for c in shifted if c["n"])
+    return (f"Coarse answers (prediction -1 with a set of classes; counted as abstentions): clean "
+            f"{pct(clean.get('rate'))} of requests, the set holding the label {pct(clean.get('contains_label'))}; "
+            f"under shift {pct(_mean([c['rate'] for c in shifted]))} on average, the set holding the label "
+            f"{pct(holds / n if n else None)} (mean set size {fmt(_mean([c['mean_set_size'] for c in shifted]))}).")
 
 
 def metric_rows(ev: Evaluation, metric: str, digits: int = 3) -> list[list[str]]:

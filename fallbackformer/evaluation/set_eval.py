@@ -116,11 +116,13 @@ def evaluate_set(
     Returns:
         ``(entry, arrays)``: the JSON-able metrics and ``{path or "system": PathArrays}``.
     """
-    paths = list(model.path_names)  # exit_1.., primary, student
+    paths = list(model.path_names)  # exit_1.., primary, student, the ladder's further rungs
+    rungs = list(model.decisions.fallback_names)  # student, forest, ...
     y = y.detach().cpu().long()
     n = len(y)
     # ---- every path alone: one forward of the primary gives all exits
-    chunks = [model.primary(xb) + [model.student(xb)] for xb in x.split(max(batch_size, 512))]
+    chunks = [model.primary(xb) + [rung(xb) for rung in model.decisions.fallbacks]
+              for xb in x.split(max(batch_size, 512))]
     logits = {p: torch.cat([c[i] for c in chunks]).float().cpu() for i, p in enumerate(paths)}  # [N, C] each
     # ---- the system
     outs = [model(xb) for xb in x.split(batch_size)]
@@ -197,7 +199,7 @@ def evaluate_set(
     fallback = [is_fallback(s) for s in served]
 
     # ---- references
-    exit_paths = [p for p in paths if p != R.STUDENT]
+    exit_paths = list(model.primary.exit_names)
     exit_ok = torch.stack([correct_by_path[p] for p in exit_paths], dim=1) if n else torch.zeros(0, len(exit_paths), dtype=torch.bool)
     any_exit = exit_ok.any(dim=1)
     first = torch.where(any_exit, exit_ok.double().argmax(dim=1), torch.full((n,), -1, dtype=torch.long))
@@ -248,6 +250,8 @@ def evaluate_set(
         "silent_error": n_wrong / n if n else None,
         "useful": int((answered & sys_ok).sum()) / n if n else None,
         "best_single": max(acc[R.PRIMARY], acc[R.STUDENT]) if n else None,
+        "best_single_path": _best_single(acc, [R.PRIMARY] + rungs) if n else None,
+        "coarse": _coarse(outs, y, answered) if n else None,
         "accuracy": {k: _nan_to_none(v) for k, v in acc.items()},
         "accuracy_answered": _nan_to_none(float(sys_ok[answered].double().mean())) if n_ans else None,
         "accuracy_by_server": acc_by_server,
@@ -267,6 +271,7 @@ def evaluate_set(
             "mean": answer_flops(served, reasons, flops) if n else None,
             "primary_alone": flops["alone"][R.PRIMARY],
             "student_alone": flops["alone"][R.STUDENT],
+            "alone": {p: flops["alone"].get(p) for p in rungs},
             "oracle_exit": oracle_flops,
         },
         "latency_ms": {
@@ -281,3 +286,21 @@ def evaluate_set(
         "label_free": label_free_entry(model, served, sys_conf, pred, max_softmax(sys_logits, n), y),
     }
     return entry, arrays
+
+
+def _best_single(acc: Mapping[str, float], candidates: Sequence[str]) -> dict[str, Any]:
+    """The most accurate single path alone among ``candidates`` (the primary and every fallback rung)."""
+    best = max(candidates, key=lambda p: acc[p])
+    return {"path": best, "accuracy": acc[best]}
+
+
+def _coarse(outs: Sequence[Any], y: Tensor, answered: Tensor) -> dict[str, Any]:
+    """Coarse answers: ``prediction = -1`` with a set that is neither empty nor every class (an abstention
+    for accuracy, reported here on its own): how often, how often the set holds the label, its mean size."""
+    sets = torch.cat([o.prediction_set.cpu() for o in outs])  # [N, C]
+    size = sets.sum(dim=1)
+    coarse = ~answered & (size > 0) & (size < sets.shape[1])
+    k = int(coarse.sum())
+    holds = sets[torch.arange(len(y)), y.clamp(0, sets.shape[1] - 1)] & coarse
+    return {"rate": k / len(y), "n": k, "contains_label": int(holds.sum()) / k if k else None,
+            "mean_set_size": float(size[coarse].double().mean()) if k else None}

@@ -15,7 +15,7 @@ Two ways to run it:
 
 The fallback rungs are a sequence, the ladder: the student first, then any named rungs (classical
 models, reduced-input students) tried in order, each with its own gate. With a router, the router
-judges the student; the rungs after it keep their gates. An optional agreement veto (``veto``, the
+judges the student; the rungs after it keep their gates, and the veto applies as without one. An optional agreement veto (``veto``, the
 names of rungs) keeps an answer of the primary's path or the student only where at least one of
 those rungs predicts the same class; a vetoed answer goes down the ladder (``rung_disagreement``).
 """
@@ -100,9 +100,6 @@ class Decisions(nn.Module):
         veto = list(veto)
         if not set(veto) <= set(names[1:]) or len(set(veto)) != len(veto):
             raise ValueError(f"veto {veto} must name distinct rungs of the ladder after the student: {names[1:]}")
-        if veto and router is not None:
-            raise ValueError("the agreement veto works with the gates; a router already judges the primary "
-                             "against the student. Drop veto= or the router")
         if router is not None and router.num_exits != primary.num_exits:
             raise ValueError(f"the router routes {router.num_exits} heads; the primary has {primary.num_exits}. "
                              "Fit the router on this primary")
@@ -275,15 +272,27 @@ class Decisions(nn.Module):
                 answer = take(took & use_student, student_code, student_logits, conf, answer)
                 to_student = to_student | (alive & ~accepted & ~finite)
             k += 1
+        return self._routed_ladder(x, valid, to_student, student_logits, answer, default_prediction)
+
+    def _routed_ladder(self, x: Tensor, valid: Tensor, to_student: Tensor, student_logits: Tensor,
+                       answer: Answer, default_prediction: int) -> Answer:
+        """After the router's walk: the veto on the primary's path, the student alone (the router judges
+        it), the veto on the student's answers, then the rungs after the student in order."""
+        router, student_code, default_code = self.router, len(self.primary.exit_names), len(self.path_names)
+        rung_logits = [student_logits] + [rung(x) for rung in list(self.fallbacks)[1:]]
+        agree = self.agreement(rung_logits)
+        if agree is not None:  # as without a router: the primary's path answers need a vetoing rung's agreement
+            vetoed = (answer[1] < student_code) & ~agree(answer[0])
+            answer = untake(vetoed, default_code, default_prediction, answer)
+            to_student = to_student | vetoed
         accepted, conf, _ = router.decide_student_alone(student_logits)
-        took = to_student & accepted
-        answer = take(took, student_code, student_logits, conf, answer)
+        answer = take(to_student & accepted, student_code, student_logits, conf, answer)
+        if agree is not None:  # every student answer (the router's choice at the final head too)
+            answer = untake((answer[1] == student_code) & ~agree(answer[0]), default_code, default_prediction, answer)
         if len(self.fallbacks) == 1:
             return answer
         # the rungs after the student: what the router sent to the fallbacks and did not serve
-        waiting = valid & (answer[1] == len(self.path_names))
-        rung_logits = [student_logits] + [rung(x) for rung in list(self.fallbacks)[1:]]
-        return self.down_the_ladder(waiting, rung_logits, answer, None, 1)
+        return self.down_the_ladder(valid & (answer[1] == default_code), rung_logits, answer, None, 1)
 
 
 def initial_answer(x: Tensor, logits: Tensor, default_code: int, default_prediction: int) -> Answer:

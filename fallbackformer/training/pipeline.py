@@ -172,8 +172,25 @@ def fit_label_free_step(cfg: DictConfig, model: FallbackModel, splits: dict[str,
     return report
 
 
+def fit_ladder_step(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
+                    splits: dict[str, tuple[torch.Tensor, torch.Tensor]], suite: ShiftSuiteLike) -> tuple[Any, dict]:
+    """The ladder of ``cfg.ladder`` (``None`` when the config has none): rungs fitted, gated; and its report.
+
+    With a router the rungs' gates calibrate on the router's own shifted mixture (``training/ladder_step.py``).
+    """
+    if not cfg.get("ladder"):
+        return None, {}
+    from fallbackformer.training.ladder_step import LadderConfig, build_ladder
+
+    router_cfg = instantiate(cfg.router) if cfg.get("router") else None
+    ladder = build_ladder(LadderConfig(**instantiate(cfg.ladder, _convert_="all")), primary, student, splits,
+                          router_cfg, check_shift_suite(suite) if router_cfg is not None else None)
+    return ladder, ladder.report
+
+
 def assemble(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
-             gates: list[ConfidenceGate], router: Any = None, datamodule: DataSource | None = None) -> FallbackModel:
+             gates: list[ConfidenceGate], router: Any = None, datamodule: DataSource | None = None,
+             ladder: Any = None) -> FallbackModel:
     """The combined model, ready to serve.
 
     Args:
@@ -182,6 +199,7 @@ def assemble(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
         student: the trained student.
         gates: ``[exit_1.., primary, student]``.
         router: the fitted router, or ``None``.
+        ladder: the :class:`~fallbackformer.training.ladder_step.Ladder` (rungs, veto, cache, default), or ``None``.
         datamodule: where the input spec and the class names come from (default: ``instantiate(cfg.data)``).
 
     Raises:
@@ -194,7 +212,8 @@ def assemble(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
                          "(the experiment config should set it with its data group)")
     policy = instantiate(cfg.policy)
     return FallbackModel(primary, student, gates, policy, input_spec=data.input_spec,
-                         class_names=list(data.class_names), router=router).eval()
+                         class_names=list(data.class_names), router=router,
+                         **(ladder.model_kwargs() if ladder is not None else {})).eval()
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -235,7 +254,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         gates, calibration = calibrate_paths(cfg, primary, student, splits, out_dir / "calibration")
         suite = instantiate(cfg.shift)
         router, router_report = fit_router_step(cfg, primary, student, splits, suite)
-        model = assemble(cfg, primary, student, gates, router, datamodule=datamodule)
+        ladder, ladder_report = fit_ladder_step(cfg, primary, student, splits, suite)
+        model = assemble(cfg, primary, student, gates, router, datamodule=datamodule, ladder=ladder)
         # Latency profiles (and the compile choice) before anything is timed, on validation images at
         # the request sizes the evaluation uses.
         model.warm_up(splits["val"][0][: cfg.evaluation.batch_size], batch_sizes=[1, cfg.evaluation.batch_size])
@@ -285,6 +305,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "calibration": {"mode": calibration["mode"], "system": calibration["system"],
                         "gates": {n: g["guarantee"] for n, g in calibration["gates"].items()},
                         "router": router_report.get("guarantee")},
+        "ladder": ladder_report or None,
         "training": {**train_metrics, **distill_metrics},
         "seconds": seconds,
     }

@@ -84,3 +84,18 @@ def test_a_bad_override_names_the_field():
     cfg = _compose("run", ["policy.budget_ms=-1"])
     with pytest.raises(Exception, match="budget_ms"):
         instantiate(cfg.policy)
+
+
+def test_the_ladder_experiment_composes_into_a_ladder_config():
+    """experiment=ladder: the router stays, two classical rungs, the veto on both, a cache and a coarse default."""
+    from fallbackformer.rungs import CacheConfig, Coarse
+    from fallbackformer.training.ladder_step import LadderConfig
+
+    cfg = _compose("run", ["experiment=ladder"])
+    ladder = LadderConfig(**instantiate(cfg.ladder, _convert_="all"))
+    assert [(r.name, r.kind) for r in ladder.rungs] == [("forest", "random_forest"), ("linear", "linear")]
+    assert list(ladder.veto) == ["forest", "linear"] and cfg.router is not None
+    assert isinstance(ladder.cache, CacheConfig) and isinstance(ladder.default, Coarse)
+    assert ladder.default.groups == {"loop": [0, 6, 8, 9], "straight": [1, 4, 7], "curve": [2, 3, 5]}
+    with pytest.raises(ValueError, match="not rungs"):
+        LadderConfig(rungs=[{"name": "forest", "kind": "random_forest"}], veto=["tree"])

@@ -143,3 +143,32 @@ def test_bundle_round_trip_keeps_the_router(routed, tmp_path):
     after = loaded(x)
     assert loaded.router is not None and float(loaded.router.threshold) == pytest.approx(0.45)
     assert after.served_by == before.served_by and torch.equal(after.prediction, before.prediction)
+
+
+def test_the_veto_with_a_router_decides_as_the_whole_batch_graph(routed):
+    """Router + agreement veto + two rungs: the runtime and the whole-batch decisions agree per sample, and
+    every kept answer of the primary's path or the student has a vetoing rung's agreement."""
+    from fallbackformer.export.onnx_export import compare_decisions, runtime_decisions
+    from fallbackformer.rungs import Rung
+
+    primary, student, router = routed
+    torch.manual_seed(3)
+    rungs = []
+    for name in ("tree", "linear"):
+        m = ff.create_model("linear_rung", num_features=64, num_classes=10).eval()
+        with torch.no_grad():
+            m.linear.weight.normal_(0.0, 0.3)
+        rungs.append(Rung(name, m, ff.ConfidenceGate(temperature=1.0, threshold=0.3)))
+    gates = [ff.ConfidenceGate(temperature=1.0, threshold=0.5) for _ in range(primary.num_exits + 1)]
+    model = ff.FallbackModel(primary, student, gates, ff.Policy(budget_ms=1e6, hedge="off"), input_spec=SPEC,
+                             router=router, fallbacks=rungs, veto=("tree", "linear")).eval()
+    x = _inputs(300, seed=5)
+    report = compare_decisions(runtime_decisions(model, x), dict(zip(
+        ("prediction", "served_by", "confidence", "logits"), model.decisions(x))))
+    assert report["decisions_agree"], report
+    out = model(x)
+    assert R.RUNG_DISAGREEMENT in out.reason and {"tree", "linear"} & set(out.served_by)
+    with torch.no_grad():
+        votes = torch.stack([r.module(x).argmax(1) for r in rungs])  # [2, B]
+    kept = torch.tensor([s in primary.exit_names + ["student"] for s in out.served_by])
+    assert kept.any() and bool((votes[:, kept] == out.prediction[kept]).any(0).all())
