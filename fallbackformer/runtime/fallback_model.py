@@ -211,13 +211,12 @@ class FallbackModel(nn.Module):
         deadline_ns = start_ns + int(policy.budget_ms * NS_PER_MS)
         x = check_batch(x, self.input_spec)
         limit = policy.max_batch
-        concurrency = self._concurrency
-        if policy.max_concurrency is not None:
+        concurrency, slots = self._concurrency, policy.concurrency_limit
+        over = False  # a call over the limit holds no slot (a semaphore: `slots` calls walk the primary at once)
+        if slots is not None:
             with self._lock:
-                concurrency[0] += 1
-                over = concurrency[0] > policy.max_concurrency
-        else:
-            over = False
+                over = concurrency[0] >= slots
+                concurrency[0] += not over
         try:
             if limit is None or x.shape[0] <= limit:
                 out = self._serve(x, policy, start_ns, deadline_ns, over)
@@ -230,7 +229,7 @@ class FallbackModel(nn.Module):
                 out = join_outputs([self._serve(x[i:i + limit], policy, start_ns, deadline_ns, over)
                                      for i in range(0, x.shape[0], limit)])
         finally:
-            if policy.max_concurrency is not None:
+            if slots is not None and not over:
                 with self._lock:
                     concurrency[0] -= 1
         out.latency_ms = (clock.now_ns() - start_ns) / NS_PER_MS
@@ -279,7 +278,7 @@ class FallbackModel(nn.Module):
         breaker = self.breaker
         if over:  # more calls in flight than the cores can serve on time: the student serves now
             state.set_reason(valid, R.DEADLINE_PREDICTED, b)
-            state.add_detail(f"over max_concurrency={policy.max_concurrency}")
+            state.add_detail(f"over max_concurrency={policy.concurrency_limit}")
             with self._lock:
                 self.concurrency_refused += 1
             return None
