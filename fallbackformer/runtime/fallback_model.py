@@ -340,6 +340,21 @@ class FallbackModel(nn.Module):
         """Make the first call keep the budget (``ff.load`` calls it): see :func:`fallbackformer.runtime.warm.warm_start`."""
         return warm_start(self, max_s)
 
+    def shed(self, x: torch.Tensor, detail: str) -> FallbackOutput:
+        """Answer ``x`` with the safe default at once, running nothing, recorded like any call (reason
+        ``deadline_predicted``, ``detail`` says why): for a caller that cannot run the model in time, a
+        server over its in-flight bound. Bad input is handled as in :meth:`forward`."""
+        start_ns, policy = self.clock.now_ns(), self._sync()
+        x = check_batch(x, self.input_spec)
+        seq, b = next(self._ids), x.shape[0]
+        state = RequestState(b, start_ns, start_ns + int(policy.budget_ms * NS_PER_MS), seq, self._live_exits())
+        state.set_reason(self._valid_indices(x, state, policy), R.DEADLINE_PREDICTED, b, only_unset=True)
+        state.add_detail(detail)
+        latency_ms = (self.clock.now_ns() - start_ns) / NS_PER_MS
+        out = state.output(latency_ms, f"{self._id_prefix}-{seq}", self._default_prediction(policy), x.device)
+        self._record(out, state, policy)
+        return out
+
     def stats(self) -> dict[str, Any]:
         """Counters since construction: calls, answers by path, fallbacks by reason, hedging, breaker."""
         with self._lock:
