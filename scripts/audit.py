@@ -10,9 +10,9 @@ removed or moved.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from fallbackformer.common.jsonsafe import dumps
 from fallbackformer.governance.audit import verify_log
 
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"audit: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(report.__dict__, indent=2))
+        print(dumps(report.__dict__, indent=2, where="audit report"))
     else:
         print(f"{'OK' if report.ok else 'FAILED'}: {args.log}: {report.message}")
     return 0 if report.ok else 1

@@ -14,7 +14,6 @@ On a machine without CUDA it says so and exits 0 ("skipped"). On a GPU (a few se
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -23,9 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fallbackformer.common.jsonsafe import dumps
+
 
 def _report(result: dict) -> None:
-    text = json.dumps(result, indent=2)
+    text = dumps(result, indent=2, where="gpu check")
     print(text)
     out = os.environ.get("OUT")
     if out:

@@ -20,7 +20,7 @@ figures; ratios are medians of per-round ratios.
 from fallbackformer.benchmarks.common import describe_machine
 from fallbackformer.benchmarks.context import BenchmarkContext
 from fallbackformer.benchmarks.report import render_markdown, write_markdown
-from fallbackformer.benchmarks.runner import SECTION_PROVIDERS, SECTIONS, register_section, run_benchmark
+from fallbackformer.benchmarks.runner import SECTION_PROVIDERS, SECTIONS, register_section, run_benchmark, unregister_section
 
 __all__ = [
     "BenchmarkContext",
@@ -30,5 +30,6 @@ __all__ = [
     "register_section",
     "render_markdown",
     "run_benchmark",
+    "unregister_section",
     "write_markdown",
 ]

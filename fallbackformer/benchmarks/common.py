@@ -6,7 +6,6 @@ import math
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,6 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
+from fallbackformer.runtime.clock import median_ms
+from fallbackformer.runtime.latency import nearest_rank
 from fallbackformer.runtime.validation import InputSpec
 
 __all__ = [
@@ -75,20 +76,14 @@ def describe_machine() -> dict[str, Any]:
     }
 
 
-def _pct(sorted_ms: list[float], q: float) -> float:
-    """Nearest-rank quantile of sorted values (rank rounded up)."""
-    k = max(1, math.ceil(q * len(sorted_ms)))
-    return sorted_ms[k - 1]
-
-
 def latency_summary(ms: list[float], budget_ms: float, tolerance_ms: float) -> dict[str, Any]:
     """p50, p99, p99.9, max and the misses (latency above ``budget_ms + tolerance_ms``) of ``ms``."""
     s = sorted(ms)
     return {
         "calls": len(s),
-        "p50_ms": _pct(s, 0.5),
-        "p99_ms": _pct(s, 0.99),
-        "p999_ms": _pct(s, 0.999),
+        "p50_ms": nearest_rank(s, 0.5),
+        "p99_ms": nearest_rank(s, 0.99),
+        "p999_ms": nearest_rank(s, 0.999),
         "max_ms": s[-1],
         "misses": sum(v > budget_ms + tolerance_ms for v in s),
     }
@@ -100,13 +95,7 @@ def interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int, inner: int) -
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else reversed(names):
-            fn = fns[name]
-            samples = []
-            for _ in range(inner):
-                t0 = time.perf_counter_ns()
-                fn()
-                samples.append((time.perf_counter_ns() - t0) / 1e6)
-            out[name].append(statistics.median(samples))
+            out[name].append(median_ms(fns[name], inner))
     return out
 
 
@@ -123,10 +112,7 @@ def median_added_us(num: list[float], den: list[float]) -> float:
 def ratio_quartiles(num: list[float], den: list[float]) -> list[float]:
     """The 25th and 75th percentiles of the per-round ratios: the spread a reader should expect."""
     ratios = sorted(a / b for a, b in zip(num, den))
-    if len(ratios) < 2:
-        return [ratios[0], ratios[0]]
-    q = statistics.quantiles(ratios, n=4, method="inclusive")
-    return [q[0], q[2]]
+    return [nearest_rank(ratios, 0.25), nearest_rank(ratios, 0.75)]
 
 
 def bare(primary: MultiExitNet) -> Callable[[Tensor], Tensor]:

@@ -52,6 +52,11 @@ class BenchmarkContext:
         return self._system
 
     @property
+    def built_system(self) -> dict[str, Any] | None:
+        """The system if a section has built or loaded it, else ``None`` (builds nothing)."""
+        return self._system
+
+    @property
     def input_spec(self) -> InputSpec:
         """The system's input spec (``cfg.input_spec`` first, so that no system is built for it)."""
         node = get(self.root, "input_spec", None)

@@ -107,7 +107,7 @@ def _routed(ctx: BenchmarkContext, stage_f: list[int], head_f: dict[int, int], f
     out["accuracy_answered"] = _accuracy_answered(model, x, y)
     out["router_threshold"] = float(router.threshold)
     out["router_exit_floor"] = float(router.exit_floor)
-    out["router_guarantee_satisfied"] = bool(router.guarantee.get("satisfied", False))
+    out["router_guarantee_satisfied"] = router.guarantee is not None and router.guarantee.satisfied
     out["router_source"] = system.get("router_report", {}).get("fitted_by", "the bundle")
     out["goal_met"] = out["compute_saved"] >= goals["goal_compute_saved"] and out["accuracy_drop_pt"] <= goals["goal_accuracy_drop_pt"]
     return out

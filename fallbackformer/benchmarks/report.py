@@ -3,7 +3,8 @@
 The template (``BENCHMARKS.md.tmpl`` beside this module) holds all the prose; Python only formats
 values. Placeholders are ``${dotted.path}`` or ``${dotted.path|format}`` into the results, with the
 formats of :data:`FORMATS`. A line that starts with ``?? `` is optional: it is dropped when one of its
-placeholders is missing (a variant the config left out); any other missing placeholder is an error.
+placeholders is missing (a variant the config left out); any other missing placeholder is an error. A
+figure stored as ``null`` (undefined on this run: NaN) reads ``n/a``; ``"inf"`` reads ``inf``.
 Each section's text lies between ``<!-- section: NAME -->`` and ``<!-- end: NAME -->`` and is rendered
 only when the run has that section; a section that reports a ``status`` (not available, failed) is
 rendered as its heading and that status; a section the template does not know is rendered as a
@@ -17,6 +18,8 @@ import string
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from fallbackformer.common.jsonsafe import parse_json_float
 
 __all__ = ["FORMATS", "TEMPLATE", "placeholders", "render_markdown", "write_markdown"]
 
@@ -64,19 +67,24 @@ def _as_table(v: Any) -> str:
     return _table([[r.get(k, "") for k in header] for r in rows], header)
 
 
+def _num(v: Any) -> float:
+    """A number as ``benchmark.json`` stores it (``"inf"``, ``"-inf"``, ``null`` for NaN) back as a float."""
+    return parse_json_float(v) if v is None or isinstance(v, str) else v
+
+
 def _kv(v: Mapping[str, Any]) -> str:
     return _table([[k, x] for k, x in v.items()], ["figure", "value"])
 
 
 #: ``${path|name}``: how a value is written
 FORMATS: dict[str, Callable[[Any], str]] = {
-    "f1": lambda v: f"{v:.1f}",
-    "f2": lambda v: f"{v:.2f}",
-    "f3": lambda v: f"{v:.3f}",
-    "f4": lambda v: f"{v:.4f}",
-    "pct": lambda v: f"{100 * v:.1f}%",
-    "range": lambda v: f"{v[0]:.3f}-{v[1]:.3f}",
-    "g": lambda v: f"{v:g}",
+    "f1": lambda v: f"{_num(v):.1f}",
+    "f2": lambda v: f"{_num(v):.2f}",
+    "f3": lambda v: f"{_num(v):.3f}",
+    "f4": lambda v: f"{_num(v):.4f}",
+    "pct": lambda v: f"{100 * _num(v):.1f}%",
+    "range": lambda v: f"{_num(v[0]):.3f}-{_num(v[1]):.3f}",
+    "g": lambda v: f"{_num(v):g}",
     "table": _as_table,
     "kv": _kv,
 }
@@ -95,8 +103,8 @@ class _Fields(Mapping[str, str]):
             if not isinstance(value, Mapping) or part not in value:
                 raise KeyError(key)
             value = value[part]
-        if value is None:
-            raise KeyError(key)
+        if value is None:  # a figure that is undefined on this run (NaN, stored as null)
+            return "n/a"
         return FORMATS[form](value) if form else fmt(value)
 
     def __iter__(self) -> Iterator[str]:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from fallbackformer.benchmarks.common import describe_machine, get, load_average
 from fallbackformer.benchmarks.compiled import bench_compile
@@ -23,10 +20,12 @@ from fallbackformer.benchmarks.evidence import bench_evidence
 from fallbackformer.benchmarks.ort import bench_onnxruntime
 from fallbackformer.benchmarks.overhead import bench_overhead
 from fallbackformer.benchmarks.report import write_markdown
+from fallbackformer.common.jsonsafe import dumps
+from fallbackformer.common.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SECTIONS", "SECTION_PROVIDERS", "register_section", "run_benchmark"]
+__all__ = ["SECTIONS", "SECTION_PROVIDERS", "register_section", "run_benchmark", "unregister_section"]
 
 Section = Callable[[BenchmarkContext], dict[str, Any]]
 
@@ -54,6 +53,11 @@ def register_section(name: str) -> Callable[[Section], Section]:
         return fn
 
     return deco
+
+
+def unregister_section(name: str) -> Section | None:
+    """Remove the section ``name`` registered with :func:`register_section` (``None`` if absent)."""
+    return _REGISTERED.pop(name, None)
 
 
 def _external_section(name: str, ctx: BenchmarkContext) -> dict[str, Any]:
@@ -101,32 +105,26 @@ def run_benchmark(cfg: Any, system: dict[str, Any] | None = None) -> tuple[dict[
         torch.set_num_threads(int(threads))
     try:
         machine = describe_machine()
+        factory = (lambda: dict(system)) if system is not None else (lambda: build_system(cfg))
         ctx = BenchmarkContext(cfg=get(cfg, "benchmark", {}), machine=machine, out_dir=out_dir, root=cfg,
-                               system_factory=lambda: build_system(cfg))
+                               system_factory=factory)
         if system is not None:
-            ctx._system = dict(system)
+            _ = ctx.system  # a given system counts as built from the start
         results: dict[str, Any] = {"machine": machine}
+        watch = Stopwatch()
         for name in list(get(ctx.cfg, "sections", list(SECTIONS))):
-            t0 = time.perf_counter()
             log.info("benchmark section %s", name)
-            results[name] = SECTIONS[name](ctx) if name in SECTIONS else _external_section(name, ctx)
-            log.info("section %s done in %.1f s", name, time.perf_counter() - t0)
+            with watch.step(name):
+                results[name] = SECTIONS[name](ctx) if name in SECTIONS else _external_section(name, ctx)
+            log.info("section %s done in %.1f s", name, watch.seconds[name])
         machine["load_average_end"] = load_average()
         loads = [v[0] for v in (machine["load_average"], machine["load_average_end"]) if v]
         machine["loaded"] = bool(loads) and max(loads) >= float(machine["usable_cores"] or 1)
-        built = ctx._system or {}
+        built = ctx.built_system or {}
         machine["system_source"] = built.get("source", "given by the caller" if system is not None else "none built")
         results["config"] = _plain_config(cfg)
     finally:
         torch.set_num_threads(old_threads)
-    (out_dir / "benchmark.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    (out_dir / "benchmark.json").write_text(dumps(results, indent=2, where="benchmark results"))
     write_markdown(json.loads((out_dir / "benchmark.json").read_text()), out_dir / "BENCHMARKS.md")
-    return results, {"out_dir": out_dir, "system": ctx._system}
-
-
-def _json_default(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    return str(obj)
+    return results, {"out_dir": out_dir, "system": ctx.built_system}

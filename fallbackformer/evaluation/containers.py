@@ -1,17 +1,16 @@
 """What an evaluation produces: the :class:`Evaluation` mapping, the per-sample :class:`PathArrays`, set
-names (``"clean"`` and ``"<corruption>/<severity>"``) and the one JSON sanitizer every report uses."""
+names (``"clean"`` and ``"<corruption>/<severity>"``). Reports write JSON with
+:func:`fallbackformer.common.jsonsafe.json_safe`."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
-__all__ = ["CLEAN", "Evaluation", "PathArrays", "json_safe", "split_set_key"]
+__all__ = ["CLEAN", "Evaluation", "PathArrays", "split_set_key"]
 
 CLEAN = "clean"
 
@@ -20,23 +19,6 @@ def split_set_key(key: str) -> tuple[str, int] | None:
     """``"fog/3" -> ("fog", 3)``; ``None`` for a key that names no corruption and severity (``"clean"``)."""
     name, sep, sev = key.rpartition("/")
     return (name, int(sev)) if sep and sev.isdigit() else None
-
-
-def json_safe(obj: Any) -> Any:
-    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts.
-
-    NaN becomes ``None``, an infinity its string (``"inf"``, ``"-inf"``), tensors and tuples lists.
-    Mapping keys are kept (``json.dumps`` writes int keys as strings; in memory they stay ints).
-    """
-    if isinstance(obj, float):
-        return None if math.isnan(obj) else (str(obj) if math.isinf(obj) else obj)
-    if isinstance(obj, Mapping):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return json_safe(obj.tolist())
-    return obj
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fallbackformer.common.paths import is_fallback
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.clock import median_ms
@@ -206,12 +207,10 @@ def budget_sweep(
         if hasattr(timed, "warm_up"):
             timed.warm_up(x, repeats=8, discard=0, batch_sizes=[len(y)])
         for b in budgets_ms:
-            timed.policy = _sim_policy(model, b)
-            if hasattr(timed, "_sync"):
-                timed._sync()
+            timed.policy = _sim_policy(model, b)  # (the call reads the new policy)
             out = timed(x)
             n = len(y)
-            fb = sum(s in (R.STUDENT, R.DEFAULT) for s in out.served_by) / n
+            fb = sum(is_fallback(s) for s in out.served_by) / n
             dl = sum(r_ in (R.DEADLINE_EXCEEDED, R.DEADLINE_PREDICTED) for r_ in out.reason) / n
             r["accuracy"].append(float((out.prediction.cpu() == y.cpu()).double().mean()))
             r["fallback_rate"].append(fb)

@@ -35,14 +35,14 @@ from fallbackformer.data.protocol import parse_set_key
 from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.fallback_model import FallbackModel
 
-__all__ = ["DRIFT_POLICIES", "drift_study"]
+__all__ = ["DRIFT_POLICIES", "drift_study", "stream_indices"]
 
 #: the drift policies streamed (``default`` abstains after detection: nothing to measure)
 DRIFT_POLICIES = ("alert", "student")
 CLEAN = "clean"
 
 
-def _stream_indices(n: int, requests: int, seed: int, key: str) -> Tensor:
+def stream_indices(n: int, requests: int, seed: int, key: str) -> Tensor:
     """``requests`` indices into a set of ``n``, drawn with replacement, seeded per (seed, set)."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
@@ -128,7 +128,7 @@ def drift_study(
     try:
         if clean_requests and CLEAN in sets:
             x, y = sets[CLEAN]
-            idx = _stream_indices(len(y), clean_requests, seed, CLEAN)
+            idx = stream_indices(len(y), clean_requests, seed, CLEAN)
             model.policy = policies["alert"]
             run = _run_stream(model, x[idx], y[idx], batch_size)
             result["clean"] = {"requests": clean_requests, "false_alarm": run["detected_after"] is not None,
@@ -137,7 +137,7 @@ def drift_study(
             parsed = parse_set_key(key)
             if parsed is None or parsed[1] != severity:
                 continue
-            idx = _stream_indices(len(y), requests, seed, key)
+            idx = stream_indices(len(y), requests, seed, key)
             xs, ys = x[idx], y[idx]
             after: dict[str, Any] = {}
             detected = None

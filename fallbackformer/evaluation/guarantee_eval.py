@@ -70,7 +70,8 @@ def serving_certificate(model: Any, gate_info: Mapping[str, Mapping[str, Any]]) 
     """What certifies the system's answers.
 
     Args:
-        model: the system; a non-None ``router`` attribute with a ``guarantee`` dict makes it a router.
+        model: the system; a non-None ``router`` attribute (with its
+            :class:`~fallbackformer.gates.guarantee.Guarantee`) makes it a router.
         gate_info: ``{path: {"alpha", "delta", ...}}`` of the per-path gates.
 
     Returns:
@@ -80,16 +81,10 @@ def serving_certificate(model: Any, gate_info: Mapping[str, Mapping[str, Any]]) 
     """
     router = getattr(model, "router", None)
     if router is not None:
-        g = dict(getattr(router, "guarantee", None) or {})
-        if g.get("alpha") is None:
-            raise ValueError("model.router.guarantee must carry 'alpha' (and 'delta', 'satisfied', 'covers')")
-        return {
-            "by": "router",
-            "alpha": float(g["alpha"]),
-            "delta": None if g.get("delta") is None else float(g["delta"]),
-            "satisfied": g.get("satisfied"),
-            "covers": dict(g.get("covers") or {}),
-        }
+        g = getattr(router, "guarantee", None)
+        if g is None:
+            raise ValueError("model.router has no guarantee: certify it (router_calibration.certify) before evaluating")
+        return {"by": "router", "alpha": g.alpha, "delta": g.delta, "satisfied": g.satisfied, "covers": dict(g.covers)}
     alphas = [g["alpha"] for g in gate_info.values() if g.get("alpha") is not None]
     deltas = [g["delta"] for g in gate_info.values() if g.get("delta") is not None]
     return {

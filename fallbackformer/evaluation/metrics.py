@@ -21,9 +21,14 @@ Definitions (exact):
 * ``failure_auroc``: failure detection, the probability that a random correct sample has a higher
   confidence than a random wrong one, ties counted one half (the Mann-Whitney form of the ROC AUC with
   "correct" as the positive class); ``nan`` when every sample is correct or every sample is wrong.
-* ``ece``: 15 equal-width bins; ``sum_b |acc_b - conf_b| * n_b / N`` (torchmetrics'
-  ``binary_calibration_error``; bin ``b`` holds confidences in ``[b/15, (b+1)/15)``, and a confidence
-  of exactly 1.0 forms its own extra bin, which is torchmetrics' convention).
+* ``ece``: the project's one expected calibration error. 15 equal-width bins;
+  ``sum_b |acc_b - conf_b| * n_b / N`` (torchmetrics' ``binary_calibration_error``; bin ``b`` holds
+  confidences in ``[b/15, (b+1)/15)``, and a confidence of exactly 1.0 forms its own extra bin, which
+  is torchmetrics' convention). ``binning="mass"``: the same sum over equal-mass bins (the sorted
+  confidences cut into 15 consecutive groups of near-equal size; not in torchmetrics).
+  ``ece_from_logits`` is torchmetrics' ``multiclass_calibration_error`` of ``softmax(logits / T)``.
+* ``classwise_ece`` (Kull et al., 2019): the mean over classes ``c`` of the calibration error of
+  ``p_c`` against ``1[y = c]``, equal-width bins ``(b/n, (b+1)/n]`` (the first also holds 0).
 * ``mean_corruption_error`` (Hendrycks & Dietterich, 2019): ``CE_c = sum_s E_{c,s} / sum_s B_{c,s}``
   with a baseline's errors ``B``, or ``mean_s E_{c,s}`` without one; ``mCE = mean_c CE_c``.
 * ``relative_drop = (acc_clean - mean_shift acc) / acc_clean``.
@@ -48,6 +53,7 @@ __all__ = [
     "failure_auroc",
     "ece",
     "ece_from_logits",
+    "classwise_ece",
     "calibration_bins",
     "corruption_errors",
     "mean_corruption_error",
@@ -262,25 +268,43 @@ def failure_auroc(confidence: Tensor, correct: Tensor) -> float:
 # calibration
 
 
-def ece(confidence: Tensor, correct: Tensor, n_bins: int = ECE_BINS) -> float:
-    """Expected calibration error of top-label confidences (torchmetrics ``binary_calibration_error``).
+def ece(confidence: Tensor, correct: Tensor, n_bins: int = ECE_BINS, binning: str = "width") -> float:
+    """Expected calibration error of top-label confidences (see the module docstring).
 
     Args:
         confidence: probability of the predicted class ``[N]`` in ``[0, 1]``.
         correct: whether the prediction was right ``[N]``.
-        n_bins: equal-width bins (15 by default).
+        n_bins: number of bins (15 by default).
+        binning: ``"width"`` (equal-width bins: torchmetrics ``binary_calibration_error``) or
+            ``"mass"`` (equal-mass bins).
 
     Returns:
         The L1 ECE; ``nan`` when ``N == 0``.
     """
     from torchmetrics.functional.classification import binary_calibration_error
 
+    if binning not in ("width", "mass"):
+        raise ValueError(f"binning must be 'width' or 'mass', got {binning!r}")
     c = _validate_confidence(confidence, unit_interval=True)
     ok = _validate_bool("correct", correct)
     n = _same_length(confidence=c, correct=ok)
     if n == 0:
         return math.nan
+    if binning == "mass":
+        return _equal_mass_ece(c, ok.double(), n_bins)
     return float(binary_calibration_error(c, ok.long(), n_bins=n_bins, norm="l1", validate_args=False))
+
+
+def _equal_mass_ece(conf: Tensor, correct: Tensor, n_bins: int) -> float:
+    m = conf.shape[0]
+    idx = torch.empty(m, dtype=torch.long)
+    idx[conf.argsort()] = torch.arange(m) * n_bins // m  # [M] consecutive groups of near-equal size
+    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones(m, dtype=torch.float64))
+    sum_conf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
+    sum_acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
+    nz = count > 0
+    gap = (sum_acc[nz] - sum_conf[nz]).abs() / count[nz]
+    return float((gap * count[nz] / m).sum())
 
 
 def ece_from_logits(logits: Tensor, target: Tensor, temperature: float = 1.0, n_bins: int = ECE_BINS) -> float:
@@ -304,6 +328,27 @@ def ece_from_logits(logits: Tensor, target: Tensor, temperature: float = 1.0, n_
     return float(
         multiclass_calibration_error(probs, t.long(), num_classes=logits.shape[1], n_bins=n_bins, norm="l1")
     )
+
+
+def classwise_ece(logits: Tensor, target: Tensor, n_bins: int = ECE_BINS) -> float:
+    """Classwise ECE of ``softmax(logits)`` over the rows with finite logits (see the module docstring)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, C], got shape {tuple(logits.shape)}")
+    t = _as_1d("target", target)
+    _same_length(logits=logits, target=t)
+    finite = torch.isfinite(logits).all(dim=1).cpu()
+    if not finite.any():
+        return math.nan
+    p = torch.softmax(logits.detach().cpu()[finite].double(), dim=1)  # [M, C]
+    m, c = p.shape
+    onehot = torch.nn.functional.one_hot(t[finite].long(), c).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(p, edges[1:-1], right=False)  # [M, C]
+    flat = (idx + n_bins * torch.arange(c)).flatten()  # a bin per (class, bin)
+    sum_p = torch.zeros(c * n_bins, dtype=torch.float64).index_add_(0, flat, p.flatten())
+    sum_y = torch.zeros(c * n_bins, dtype=torch.float64).index_add_(0, flat, onehot.flatten())
+    per_class = ((sum_y - sum_p).abs() / m).reshape(c, n_bins).sum(dim=1)  # sum_b |B|/M |acc - conf|
+    return float(per_class.mean())
 
 
 def calibration_bins(confidence: Tensor, correct: Tensor, n_bins: int = ECE_BINS) -> dict[str, Tensor]:

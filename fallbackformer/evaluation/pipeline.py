@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from fallbackformer.common.timing import Stopwatch
 from fallbackformer.data.protocol import ShiftSuiteLike
 from fallbackformer.evaluation.report import write_report
 from fallbackformer.evaluation.shift_eval import CLEAN, Evaluation, evaluate
@@ -83,21 +83,22 @@ def evaluate_and_report(
 
     >>> ev, paths = evaluate_and_report(model, x, y, instantiate(cfg.shift), out_dir)   # doctest: +SKIP
     """
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     sets: dict[str, tuple[Tensor, Tensor]] = {CLEAN: (x_test, y_test)}
-    if shift_sets is not None:
-        sets.update(shift_sets)
-    elif suite is not None:
-        sets.update(suite.build(x_test, y_test))
-    t1 = time.perf_counter()
+    with watch.step("build_sets"):
+        if shift_sets is not None:
+            sets.update(shift_sets)
+        elif suite is not None:
+            sets.update(suite.build(x_test, y_test))
     held = list(suite.held_out) if suite is not None else []
-    evaluation = evaluate(model, sets, held_out=held, **evaluate_kwargs)
-    t2 = time.perf_counter()
+    with watch.step("evaluate"):
+        evaluation = evaluate(model, sets, held_out=held, **evaluate_kwargs)
     info = {"shift_suite": suite.to_dict() if suite is not None else None, **dict(extra or {})}
-    paths = write_report(evaluation, out_dir, title=title, extra=info, save_pngs=save_pngs)
-    t3 = time.perf_counter()
-    evaluation.config["seconds"] = {"build_sets": t1 - t0, "evaluate": t2 - t1, "report": t3 - t2}
-    log.info("report written to %s (sets %.1fs, evaluate %.1fs, report %.1fs)", paths["html"], t1 - t0, t2 - t1, t3 - t2)
+    with watch.step("report"):
+        paths = write_report(evaluation, out_dir, title=title, extra=info, save_pngs=save_pngs)
+    s = evaluation.config["seconds"] = dict(watch.seconds)
+    log.info("report written to %s (sets %.1fs, evaluate %.1fs, report %.1fs)", paths["html"], s["build_sets"],
+             s["evaluate"], s["report"])
     return evaluation, paths
 
 

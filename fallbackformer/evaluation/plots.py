@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from fallbackformer.common.paths import DEFAULT, PRIMARY, STUDENT, exit_index
 from fallbackformer.evaluation import metrics as M
 
 __all__ = [
@@ -54,16 +55,18 @@ _EXIT_CYCLE = ["#17becf", "#bcbd22", "#e377c2", "#aec7e8", "#98df8a", "#c5b0d5"]
 def _colour(name: str, i: int = 0) -> str:
     if name in _PATH_COLOURS:
         return _PATH_COLOURS[name]
-    if name.startswith("exit_") and name[5:].isdigit():
-        return _EXIT_CYCLE[(int(name[5:]) - 1) % len(_EXIT_CYCLE)]
+    k = exit_index(name)
+    if k is not None:
+        return _EXIT_CYCLE[(k - 1) % len(_EXIT_CYCLE)]
     return _EXIT_CYCLE[i % len(_EXIT_CYCLE)]
 
 
 def _path_order(name: str) -> tuple[int, int, str]:
     """Sort key of path names: ``exit_1 .. exit_N`` by number (any N), then primary, student, default."""
-    if name.startswith("exit_") and name[5:].isdigit():
-        return (0, int(name[5:]), name)
-    rest = ["primary", "student", "default"]
+    k = exit_index(name)
+    if k is not None:
+        return (0, k, name)
+    rest = [PRIMARY, STUDENT, DEFAULT]
     return (1, rest.index(name) if name in rest else len(rest), name)
 
 

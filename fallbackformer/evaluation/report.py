@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from fallbackformer.evaluation import plots as P
-from fallbackformer.evaluation.containers import CLEAN, Evaluation, json_safe
+from fallbackformer.common.jsonsafe import json_safe
+from fallbackformer.evaluation.containers import CLEAN, Evaluation
 from fallbackformer.evaluation.governance_report import governance_section
 from fallbackformer.evaluation.report_figures import HEADLINE_FIGURE, make_figures
 from fallbackformer.evaluation.report_tables import (
@@ -123,14 +124,9 @@ _DEFINITIONS_MD = """\
   and the guarantee held on >= 90% of tunable and >= 75% of held-out sets.
 - *failure detection*: AUROC of the confidence for telling correct from wrong answers (0.5 is chance), and
   AURC; per path by the gate's `confidence(logits)`, for the system by the served confidence (unanswered last).
-- *fallback rate*: answers served by the student or the safe default.
-<<<<<<< HEAD
+- *fallback rate*: answers not served by the primary's own path (its exits included): the student's and the safe default's.
 - *selective risk* `system`: errors among answered, against the router's alpha (or the loosest gate alpha); per path: the
-  gate applied alone on that path's logits (selective risk for ltt_hb/empirical, joint risk for crc).
-=======
-- *selective risk* `system`: errors among non-default answers, against the loosest gate alpha; per path: the
   gate applied alone on that path's logits (selective risk for ltt_binom/ltt_hb/empirical, joint risk for crc).
->>>>>>> stats
   *exceeds alpha*: the point estimate is above alpha; *broken*: the one-sided Clopper-Pearson lower bound at
   level delta is above alpha.
 - *coverage*: `system`: answered requests; per path: what the gate accepts alone.

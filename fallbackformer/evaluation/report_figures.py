@@ -73,7 +73,7 @@ def make_figures(evaluation: Evaluation) -> dict[str, Any]:
         fb[name] = {int(k): v for k, v in pts.items()}
     if len(fb["mean"]) > 1:
         figs["fallback_rate_vs_severity"] = (
-            "Fallback rate (answers by the student or the safe default) against severity, per corruption "
+            "Fallback rate (answers not served by the primary's own path) against severity, per corruption "
             "and the mean.",
             P.fallback_rate_vs_severity({"mean": fb.pop("mean"), **fb}),
         )

@@ -8,6 +8,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fallbackformer.common.paths import exit_index
 from fallbackformer.evaluation.containers import CLEAN, Evaluation
 
 __all__ = [
@@ -53,7 +54,7 @@ def _reasons(entry: Mapping[str, Any]) -> str:
 
 
 def per_set_rows(ev: Evaluation) -> list[list[str]]:
-    exits = [p for p in ev.paths if p.startswith("exit_")]
+    exits = [p for p in ev.paths if exit_index(p) is not None]
     head = ["set", "held out", *exits, "primary", "student", "system", "oracle exit", "oracle router",
             "fallback", "served_by", "reasons", "sel. risk (system)", "alpha", "coverage", "ECE sys", "AURC sys",
             "MFLOPs", "p50 ms", "p99 ms", "guarantee broken"]

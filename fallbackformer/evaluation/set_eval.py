@@ -6,7 +6,8 @@ failure detection, slices, latency and the references.
 
 * **answered**: ``prediction >= 0``, whatever path gave it (a safe default that answers a class counts).
   **silent_error**: share of requests answered and wrong; **useful**: share answered and right.
-* **fallback rate**: fraction of answers served by the student or the safe default.
+* **fallback rate**: fraction of answers not served by the primary's own path (exits are that path):
+  :func:`~fallbackformer.common.paths.is_fallback`.
 * **selective risk** ``<path>``: the path's gate applied alone to that path's logits on every sample
   (what ``ConfidenceGate.calibrate`` guaranteed on the calibration split): errors among accepted /
   accepted for ``ltt_hb`` and ``empirical``, accepted and wrong / all for ``crc``. ``system``: errors
@@ -32,12 +33,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fallbackformer.common.jsonsafe import json_safe
+from fallbackformer.common.paths import is_fallback, served_by_codes
 from fallbackformer.evaluation import metrics as M
-from fallbackformer.evaluation.containers import PathArrays, json_safe
+from fallbackformer.evaluation.containers import PathArrays
 from fallbackformer.evaluation.cost_eval import answer_flops
 from fallbackformer.evaluation.guarantee_eval import risk_check
 from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.fallback_model import FallbackModel
+from fallbackformer.runtime.latency import nearest_rank
 
 __all__ = ["gate_info", "evaluate_set", "failure_detection"]
 
@@ -47,11 +51,11 @@ def gate_info(model: FallbackModel) -> dict[str, dict[str, Any]]:
     info = {}
     for name in model.path_names:
         gate = model.gates[name]
-        g = dict(gate.guarantee or {})
+        g = gate.guarantee
         info[name] = {
-            "alpha": g.get("alpha"),
-            "delta": g.get("delta"),
-            "method": g.get("method"),
+            "alpha": g.alpha if g is not None else None,
+            "delta": g.delta if g is not None else None,
+            "method": g.method if g is not None else None,
             "threshold": float(gate.threshold),
             "temperature": float(gate.temperature),
             "score": getattr(gate, "score", None),
@@ -76,11 +80,7 @@ def _rank(conf: Tensor) -> Tensor:
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, math.ceil(q * len(s)) - 1))  # nearest rank
-    return float(s[k])
+    return float(nearest_rank(sorted(values), q)) if values else math.nan
 
 
 @torch.inference_mode()
@@ -183,14 +183,14 @@ def evaluate_set(
 
     # ---- served_by mix, reasons, accuracy by server
     counts = Counter(served)
-    servers = [*paths, R.DEFAULT]
+    servers = served_by_codes(paths)
     served_frac = {s: counts.get(s, 0) / n if n else math.nan for s in servers}
     reason_counts = Counter(r for r in reasons if r)
     acc_by_server = {}
     for s in servers:
         idx = [i for i, v in enumerate(served) if v == s]
         acc_by_server[s] = float(sys_ok[idx].double().mean()) if idx else None
-    fallback = [s in (R.STUDENT, R.DEFAULT) for s in served]
+    fallback = [is_fallback(s) for s in served]
 
     # ---- references
     exit_paths = [p for p in paths if p != R.STUDENT]

@@ -8,7 +8,6 @@ per-sample arrays that the report's figures need.
 
 The parts live by what they own (their docstrings hold the exact definitions):
 
-<<<<<<< HEAD
 * :mod:`~fallbackformer.evaluation.set_eval`: one set, every number (silent errors, selective risk,
   failure detection, slices, latency, references).
 * :mod:`~fallbackformer.evaluation.guarantee_eval`: which guarantee serves (a router's, or the gates'),
@@ -16,37 +15,6 @@ The parts live by what they own (their docstrings hold the exact definitions):
 * :mod:`~fallbackformer.evaluation.shift_summary`: across sets (headline, verdict, mCE, severities).
 * :mod:`~fallbackformer.evaluation.cost_eval`: FLOPs, stage latencies, the budget sweep.
 * :mod:`~fallbackformer.evaluation.containers`: :class:`Evaluation`, :class:`PathArrays`, the JSON sanitizer.
-=======
-* **fallback rate**: fraction of answers served by the student or the safe default.
-* **selective risk** (per set, ``selective_risk``):
-  ``system``: error rate of the non-default answers, against the loosest ``alpha`` of the gates;
-  ``<path>``: the path's gate applied alone to that path's logits on every sample (exactly what
-  ``ConfidenceGate.calibrate`` guaranteed on the calibration split): for ``ltt_binom``, ``ltt_hb``, ``empirical``
-  the selective risk (errors among accepted / accepted), for ``crc`` the joint risk (accepted and wrong
-  / all). ``violated``: the point estimate exceeds ``alpha``; ``significant``: even the one-sided
-  Clopper-Pearson lower bound at level ``delta`` exceeds ``alpha`` (the guarantee is broken on this set
-  with confidence ``1 - delta``). Under shift no calibration guarantee is promised; the flags show where
-  it fails.
-* **coverage**: ``system``: fraction of non-default answers; ``<path>``: fraction its gate accepts alone.
-* **ECE** (15 bins) per path on ``softmax(logits / T_gate)``; ``system``: on the non-default answers,
-  with the serving path's temperature.
-* **AURC** per path with the gate's score as the ranking; ``system``: the calibrated probability of
-  the serving path, default answers ranked last.
-* **FLOPs** (``torch.utils.flop_counter.FlopCounterMode``, counted once per path on one sample):
-  ``exit_k`` costs the input transform, the stages up to its own and heads 1..k; ``primary`` all
-  stages and heads; ``student`` and ``default`` answers cost the whole primary plus the student (an upper
-  bound: a deadline fallback stopped earlier), except ``breaker_open`` (student only) and
-  ``invalid_input`` (nothing). Mean FLOPs per set combine these with the served_by mix.
-* **latency**: ``FallbackOutput.latency_ms`` of single-sample calls on ``latency_samples`` samples
-  per set (the model's clock), p50 and p99 (nearest rank).
-* **oracle exit**: the cheapest exit (exit_1, ..., primary) that is correct, if any; **oracle
-  router**: the primary or the student, whichever is correct.
-* **accuracy vs budget**: a simulation with the real runtime logic (deadline checks, admission
-  control): the stages and the student are wrapped in ``ScriptedDelay`` on a ``FakeClock``, each
-  taking its measured single-sample median time per call, the latency profile is seeded with
-  ``warm_up``, and ``policy.budget_ms`` is set to each budget (hedging, compilation and the breaker
-  off). It answers "what would this bundle do at budget B on a machine with these stage times".
->>>>>>> stats
 """
 
 from __future__ import annotations

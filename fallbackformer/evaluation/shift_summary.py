@@ -18,7 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fallbackformer.evaluation import metrics as M
-from fallbackformer.evaluation.containers import CLEAN, json_safe, split_set_key
+from fallbackformer.common.jsonsafe import json_safe
+from fallbackformer.evaluation.containers import CLEAN, split_set_key
 from fallbackformer.runtime import reasons as R
 
 __all__ = ["summarize", "headline", "failure_detection_summary", "verdict", "GOOD_NEWS"]

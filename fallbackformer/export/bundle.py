@@ -2,7 +2,7 @@
 
 Layout (``FORMAT_VERSION`` 2; the manifest schema, its versions and optional sections are in
 :mod:`fallbackformer.export.manifest`, atomic publishing and checked reads in
-:mod:`fallbackformer.export.bundle_io`)::
+:mod:`fallbackformer.export.bundle_io`, loading in :mod:`fallbackformer.export.bundle_load`)::
 
     <bundle>/manifest.json          everything but the weights (see below), with a digest over itself
     <bundle>/primary.safetensors    the primary's state dict (weights and buffers only)
@@ -53,8 +53,8 @@ import torch
 from torch import nn
 
 from fallbackformer.export import bundle_io
+from fallbackformer.export.bundle_load import BACKENDS, compare_state, load, read_manifest, verify_files
 from fallbackformer.export.manifest import (
-    PARSE_ERRORS,
     DIGEST_FIELD,
     FORMAT,
     FORMAT_VERSION,
@@ -63,18 +63,11 @@ from fallbackformer.export.manifest import (
     SUPPORTED_FORMAT_VERSIONS,
     BundleError,
     canonical_json,
-    decode_manifest,
     manifest_digest,
-    Manifest,
-    ModelEntry,
-    _onnx_files,
-    parse_manifest,
     registered_sections,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fallbackformer.runtime.clock import Clock
-    from fallbackformer.runtime.events import EventSink
     from fallbackformer.runtime.fallback_model import FallbackModel
 
 __all__ = [
@@ -85,7 +78,6 @@ __all__ = [
 
 MODEL_FILES = {"primary": "primary.safetensors", "student": "student.safetensors"}
 ROUTER_FILE = "router.safetensors"
-BACKENDS = ("torch", "onnxruntime")
 COMBINED_ONNX = "model.onnx"
 
 
@@ -152,47 +144,7 @@ def _check_rebuild(entry: Mapping[str, Any], state: Mapping[str, torch.Tensor], 
     with torch.device("meta"):
         rebuilt = create_model(entry["registry_name"], **entry["registry_kwargs"])
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    _compare_state(rebuilt.state_dict(), shapes, role, f"{role}.safetensors", entry, saving=True)
-
-
-def _compare_state(
-    expected: Mapping[str, torch.Tensor],
-    got: Mapping[str, tuple[int, ...]],
-    role: str,
-    filename: str,
-    entry: Mapping[str, Any],
-    *,
-    saving: bool = False,
-) -> None:
-    what = f"{entry['registry_name']}(**{entry['registry_kwargs']})"
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    if saving:
-        fix = (
-            f"the {role} was changed after create_model built it; rebuild it with create_model "
-            "and the arguments that give this architecture"
-        )
-    else:
-        fix = (
-            "the weights and the manifest's registry_kwargs disagree (or the builder changed): "
-            "re-save the bundle with ff.save from the model that produced these weights"
-        )
-    if missing:
-        raise BundleError(
-            f"{filename} lacks tensor {missing[0]!r} ({len(missing)} missing) that the manifest's "
-            f"{role} {what} has; {fix}"
-        )
-    if unexpected:
-        raise BundleError(
-            f"{filename} has tensor {unexpected[0]!r} ({len(unexpected)} unexpected) that the "
-            f"manifest's {role} {what} does not have; {fix}"
-        )
-    for key, ref in expected.items():
-        if tuple(got[key]) != tuple(ref.shape):
-            raise BundleError(
-                f"tensor {key!r} in {filename} has shape {tuple(got[key])} but the manifest's "
-                f"{role} {what} expects {tuple(ref.shape)}; {fix}"
-            )
+    compare_state(rebuilt.state_dict(), shapes, role, f"{role}.safetensors", entry, saving=True)
 
 
 def _state_for_file(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -281,6 +233,11 @@ def save(
     router = getattr(model, "router", None)
     if router is not None:  # its tensors in a weights file, its construction and guarantee in the manifest
         manifest["router"] = {**_json_safe(router.to_config(), "router"), "file": ROUTER_FILE}
+    ladder = _ladder_entry(model)
+    if ladder is not None:
+        manifest["ladder"] = ladder
+        for rung in model.fallbacks:
+            states[rung.name] = _state_for_file(rung.module)
     from fallbackformer.export.bounds import enforce_bounds  # bounds as code (issue 14)
 
     enforce_bounds(manifest, f"ff.save to {path}")
@@ -292,6 +249,9 @@ def save(
             # One metadata key: safetensors writes metadata in hash-map order, so two keys would make
             # the same model's bytes (and hashes) differ from save to save.
             (tmp / filename).write_bytes(_safetensors_bytes(states[role], {"fallbackformer": f"{FORMAT}/{role}"}))
+        for rung in model.fallbacks:
+            (tmp / rung_file(rung.name)).write_bytes(
+                _safetensors_bytes(states[rung.name], {"fallbackformer": f"{FORMAT}/rung/{rung.name}"}))
         if router is not None:
             (tmp / ROUTER_FILE).write_bytes(_safetensors_bytes(_state_for_file(router), {"fallbackformer": f"{FORMAT}/router"}))
         if onnx:
@@ -318,6 +278,27 @@ def save(
     return path
 
 
+def rung_file(name: str) -> str:
+    """The weights file of fallback rung ``name``."""
+    return f"rung_{name}.safetensors"
+
+
+def _ladder_entry(model: "FallbackModel") -> dict[str, Any] | None:
+    """The manifest's ``ladder`` field (``None`` for the single-student form): all data, no code."""
+    rungs, cache = model.fallbacks, model.cache
+    default = model.runtime.default
+    if not rungs and not model.veto and cache is None and default is None:
+        return None
+    entries = []
+    for rung in rungs:
+        entry = _registry_entry(rung.module, f"rung {rung.name}")
+        _check_rebuild(entry, _state_for_file(rung.module), f"rung {rung.name}")
+        entries.append({"name": rung.name, **entry, "file": rung_file(rung.name)})
+    return {"rungs": entries, "veto": list(model.veto),
+            "cache": None if cache is None else _json_safe(cache.config.to_dict(), "ladder.cache"),
+            "default": None if default is None else _json_safe(default.to_dict(), "ladder.default")}
+
+
 def _safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     from safetensors.torch import save
 
@@ -338,212 +319,3 @@ def _write_onnx(model: "FallbackModel", folder: Path, example_input: torch.Tenso
     export_onnx(model, folder / COMBINED_ONNX, variant="where", example_input=example_input)
     stages = export_stage_graphs(model, folder, example_input=example_input)
     return {"combined": COMBINED_ONNX, "combined_variant": "where", **stages}
-
-
-# ---------------------------------------------------------------------- load
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and verify a bundle's manifest (format version, digest, schema); files are not read.
-
-    Raises:
-        BundleError: naming the problem and the fix.
-    """
-    path = bundle_io.bundle_folder(path)
-    root = bundle_io.resolve(path)
-    try:
-        data = bundle_io.read_checked(root, MANIFEST, None, path, limit=bundle_io.MAX_MANIFEST_BYTES)
-    except bundle_io.Vanished:
-        raise BundleError(
-            f"{path / MANIFEST} is missing: {path} is not a bundle (or it is incomplete); re-save it with ff.save"
-        ) from None
-    raw = decode_manifest(data, path / MANIFEST)
-    parse_manifest(raw, str(path / MANIFEST))
-    return raw
-
-
-def verify_files(path: str | Path, manifest: Mapping[str, Any]) -> dict[str, str]:
-    """Check every file a (raw) manifest lists against its size and sha256; return ``{file: sha256}``.
-
-    Raises:
-        BundleError: naming the missing or changed file and the fix.
-    """
-    path = bundle_io.bundle_folder(path)
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise BundleError(f"{path / MANIFEST} lists no files; re-save the bundle with ff.save")
-    needed = [m["file"] for m in manifest["models"].values()] + _onnx_files(manifest.get("onnx"))
-    for name in needed:
-        if name not in files:
-            raise BundleError(f"{path / MANIFEST} has no sha256 for {name}; re-save the bundle with ff.save")
-    root = bundle_io.resolve(path)
-    hashes = {}
-    for rel, info in files.items():
-        try:
-            _, hashes[rel] = bundle_io.read_verified(root, rel, info["sha256"], info.get("bytes"), path)
-        except bundle_io.Vanished:
-            raise BundleError(f"missing file {rel} in bundle {path}; copy the whole bundle folder again") from None
-    return hashes
-
-
-def _build_model(entry: ModelEntry, role: str, path: Path) -> nn.Module:
-    from fallbackformer.models.registry import create_model
-
-    fld = f"{path / MANIFEST}: manifest field models.{role}"
-    try:
-        return create_model(entry.registry_name, **entry.registry_kwargs)
-    except KeyError as exc:
-        raise BundleError(
-            f"the bundle's {role} is registry model {entry.registry_name!r:.80}, which is not registered "
-            f"here ({str(exc.args[0] if exc.args else exc)[:200]}); import the module that registers it with "
-            "fallbackformer.register_model before ff.load"
-        ) from None
-    except (*PARSE_ERRORS, RuntimeError, NotImplementedError) as exc:
-        raise BundleError(
-            f"{fld}.registry_kwargs {entry.registry_kwargs!r:.120} cannot build {entry.registry_name!r:.80} "
-            f"({type(exc).__name__}: {str(exc)[:200]}); restore the original manifest, or re-save the bundle"
-        ) from None
-
-
-def load_weights(path: Path, manifest: Manifest, role: str, blob: bytes) -> nn.Module:
-    """Rebuild ``role`` from the bytes already read and hashed: shapes checked on meta, then built."""
-    from safetensors.torch import load as load_bytes
-
-    entry = manifest.models[role]
-    entry_dict = {"registry_name": entry.registry_name, "registry_kwargs": entry.registry_kwargs}
-    shapes = bundle_io.safetensors_shapes(blob, entry.file, path)
-    with torch.device("meta"):
-        meta = _build_model(entry, role, path)
-    expected = meta.state_dict()
-    need = sum(t.numel() * t.element_size() for t in expected.values())
-    if need > len(blob):
-        raise BundleError(
-            f"{path / MANIFEST}: manifest field models.{role}.registry_kwargs {entry.registry_kwargs!r:.120} "
-            f"asks for {need} bytes of tensors but {entry.file} holds {len(blob)} bytes; refused before "
-            "allocating. Restore the original manifest, or re-save the bundle with ff.save"
-        )
-    _compare_state(expected, shapes, role, entry.file, entry_dict)
-    try:
-        state = load_bytes(blob)
-    except Exception as exc:  # safetensors' own error type; the bytes are hashed, so this is a bad save
-        raise BundleError(f"{entry.file} in bundle {path} cannot be read as safetensors ({exc}); re-save the bundle") from None
-    model = _build_model(entry, role, path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as exc:
-        raise BundleError(f"{entry.file} in bundle {path} does not fit the {role} ({str(exc)[:200]}); re-save the bundle") from None
-    return model.eval()
-
-
-def load(
-    path: str | Path,
-    backend: str = "torch",
-    *,
-    clock: "Clock | None" = None,
-    sinks: Iterable["EventSink"] = (),
-    ort_threads: int | None = None,
-    trusted_keys: Iterable[Any] | None = None,
-    warm_up: bool = True,
-) -> "FallbackModel":
-    """Load a bundle: verify the manifest digest and every file's size and sha256, rebuild, return the model.
-
-    Nothing is unpickled: weights are safetensors, everything else is JSON. Each file is read once
-    and the bytes hashed are the bytes deserialized.
-
-    Args:
-        path: the bundle (a folder or the symlink ``ff.save`` made), or its ``manifest.json``.
-        backend: ``"torch"``, or ``"onnxruntime"`` to run each stage, head and the student as an
-            onnxruntime session under the same runtime (the bundle must have been saved with
-            ``onnx=True``).
-        clock: the runtime's clock (default: monotonic).
-        sinks: event sinks for the runtime.
-        ort_threads: intra-op threads of each onnxruntime session (``backend="onnxruntime"``;
-            default: onnxruntime's choice).
-        trusted_keys: Ed25519 public keys (objects, PEM or PEM paths): refuse the bundle unless one
-            of them signed this manifest (``signature.json``). ``None``: no signature check.
-        warm_up: warm the runtime from the input spec (``FallbackModel.warm_start``: workers started,
-            a fraction of a second of timing, no compilation) so that the first call keeps the budget.
-
-    A bundle outside its own ``degradation`` bounds is refused (or, with ``on_breach: signal``, loaded
-    with a :class:`~fallbackformer.export.bounds.BoundsWarning`; ``model.bounds_breaches`` lists them).
-
-    Returns:
-        A :class:`FallbackModel` in eval mode; ``model.model_hashes`` holds the files' sha256 and
-        ``model.profile`` the saved latency profile as priors (call ``model.warm_up(x)`` on this
-        machine before serving: its live timings replace them). ``model.bundle_manifest`` is the
-        manifest as read; ``model.bundle_sections`` the parsed optional sections.
-
-    Raises:
-        BundleError: for anything but a bundle that loads (a missing, changed, oversized or special
-            file, an edited manifest or one outside the schema, an unknown format version, weights
-            that do not fit the manifest's models); the message names the culprit and the fix.
-    """
-    from fallbackformer.runtime.fallback_model import FallbackModel
-
-    if backend not in BACKENDS:
-        raise BundleError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-    path = bundle_io.bundle_folder(path)
-    root, manifest, blobs, hashes = bundle_io.read_version(path)
-    if trusted_keys is not None:  # signed sign-off (issue 14)
-        from fallbackformer.export.signing import verify_bundle_signature
-
-        verify_bundle_signature(root, manifest.raw, trusted_keys)
-    from fallbackformer.export.bounds import enforce_bounds
-
-    breaches = enforce_bounds(manifest.raw, f"ff.load of {path}")
-    router = _load_router(path, manifest, blobs)
-    if backend == "onnxruntime":
-        from fallbackformer.export.ort_backend import load_ort_modules
-
-        # (onnxruntime opens the graphs by path: from the immutable version folder just verified)
-        primary, student = load_ort_modules(root, manifest.raw, threads=ort_threads)
-    else:
-        primary = load_weights(path, manifest, "primary", blobs[manifest.models["primary"].file])
-        student = load_weights(path, manifest, "student", blobs[manifest.models["student"].file])
-    try:
-        model = FallbackModel(
-            primary,
-            student,
-            manifest.gates,
-            policy=manifest.policy,
-            input_spec=manifest.input_spec,
-            clock=clock,
-            sinks=sinks,
-            class_names=manifest.class_names,
-            profile=manifest.latency_profile,
-            router=router,
-        )
-    except (ValueError, TypeError, KeyError) as exc:
-        raise BundleError(
-            f"{path / MANIFEST}: the manifest's gates, policy and class names do not make a model "
-            f"({type(exc).__name__}: {str(exc)[:300]}); restore the original manifest, or re-save the bundle"
-        ) from None
-    if list(model.path_names) != manifest.paths:
-        raise BundleError(
-            f"{path / MANIFEST}: manifest field paths {manifest.paths} differ from the rebuilt model's "
-            f"{model.path_names}; re-save the bundle with ff.save"
-        )
-    model.model_hashes = {role: hashes[entry.file] for role, entry in manifest.models.items()} | {
-        "manifest": manifest.raw[DIGEST_FIELD]
-    }
-    model.bundle_manifest = manifest.raw
-    model.bundle_sections = manifest.sections
-    model.bounds_breaches = breaches
-    model.warm_report = model.eval().warm_start() if warm_up else None
-    return model
-
-
-def _load_router(path: Path, manifest: Manifest, blobs: Mapping[str, bytes]) -> Any:
-    """The manifest's router (``None`` when it has none), from its config and the bytes already verified."""
-    section = manifest.router
-    if section is None:
-        return None
-    from safetensors.torch import load as load_bytes
-
-    from fallbackformer.gates.router import Router
-
-    try:
-        return Router.from_config(section, load_bytes(blobs[section["file"]])).eval()
-    except Exception as exc:  # a config the router refuses, or weights that do not fit it
-        raise BundleError(f"{path / MANIFEST}: manifest field router cannot be rebuilt ({type(exc).__name__}: "
-                          f"{str(exc)[:200]}); restore the original manifest, or re-save the bundle with ff.save") from None

@@ -221,7 +221,8 @@ def read_version(path: Path) -> tuple[Path, Manifest, dict[str, bytes], dict[str
             for rel, entry in manifest.files.items():
                 blob, hashes[rel] = read_verified(root, rel, entry.sha256, entry.bytes, path)
                 if rel in (m.file for m in manifest.models.values()) or (
-                        manifest.router is not None and rel == manifest.router.get("file")):
+                        manifest.router is not None and rel == manifest.router.get("file")) or (
+                        manifest.ladder is not None and rel in (e.file for _, e in manifest.ladder["rungs"])):
                     blobs[rel] = blob  # deserialized from these very bytes; others are only verified
             return root, manifest, blobs, hashes
         except Vanished as gone:

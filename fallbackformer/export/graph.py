@@ -1,8 +1,9 @@
 """The combined model as one traceable ``nn.Module``: what ONNX and ``torch.export`` receive.
 
-:class:`CombinedGraph` holds the primary's input transform, every stage and exit head, every gate
-(temperature and threshold comparisons), the student and the safe default, and returns fixed
-tensors instead of a :class:`~fallbackformer.runtime.output.FallbackOutput`:
+:class:`CombinedGraph` wraps the model's decision module
+(:class:`~fallbackformer.runtime.decisions.Decisions`: the primary's input transform, every stage and
+exit head, every gate or the router, the student) with the input check and the safe default, and
+returns fixed tensors instead of a :class:`~fallbackformer.runtime.output.FallbackOutput`:
 
 - ``prediction`` int64 ``[B]``: the class, or the safe default's (``-1`` where it abstains);
 - ``served_by`` int64 ``[B]``: a code, see :func:`served_by_codes`;
@@ -15,12 +16,16 @@ gate accepts and its logits are finite; a sample whose logits are not finite goe
 rejections get the default. Invalid input samples (non-finite, or outside the input spec's range)
 get the default: a graph cannot raise, so ``Policy.on_invalid_input="raise"`` becomes ``"default"``.
 What a graph cannot hold: the deadline, the circuit breaker, hedging and error recovery; those
-live in :class:`~fallbackformer.runtime.fallback_model.FallbackModel`.
+live in :class:`~fallbackformer.runtime.fallback_model.FallbackModel`. A ladder's model rungs (tree
+and linear rungs, further students) and its agreement veto are in the graph, each rung with its own
+``served_by`` code; the response cache and a callable default stay in the runtime (the export warns
+and says which), and the graph's default is the typed default's single class or ``-1``.
 
 Two variants:
 
-- ``"where"``: every stage and the student run on the whole batch; ``torch.where`` selects per
-  sample. One straight graph, the same work whatever the input.
+- ``"where"``: the decision module's own whole-batch forward: every stage and the student run on
+  the whole batch; ``torch.where`` selects per sample. One straight graph, the same work whatever
+  the input. The only variant that carries a router.
 - ``"cond"``: the same per-sample selection, but each segment of stages between two exits sits in
   a ``torch.cond`` (an ONNX ``If``) that runs it only while some sample of the batch is still
   pending, and the student runs only when some sample needs it. Once the whole batch has exited,
@@ -29,17 +34,54 @@ Two variants:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+import warnings
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from fallbackformer.common.paths import DEFAULT, served_by_codes  # the code table: codes[i] names code i
+from fallbackformer.runtime.decisions import Answer, initial_answer, take
+
 if TYPE_CHECKING:  # pragma: no cover
     from fallbackformer.runtime.fallback_model import FallbackModel
 
+__all__ = ["DEFAULT", "OUTPUT_NAMES", "VARIANTS", "CombinedGraph", "served_by_codes"]
+
 VARIANTS = ("where", "cond")
 OUTPUT_NAMES = ("prediction", "served_by", "confidence", "logits")
-DEFAULT = "default"
+
+
+def default_class_of(model: "FallbackModel") -> int:
+    """The safe default's class in a graph: the typed default's single class (``-1`` where it abstains or
+    answers a set)."""
+    from fallbackformer.rungs.defaults import ConstantClass, Prior
+
+    default = model.runtime.default
+    if isinstance(default, (ConstantClass, Prior)):
+        return int(default.class_index)
+    if default is not None:
+        return -1
+    return -1 if model.policy.default_class is None else int(model.policy.default_class)
+
+
+def runtime_only_parts(model: "FallbackModel") -> list[str]:
+    """What of the ladder a graph cannot carry: the response cache (state), a user's callable default
+    (Python), a coarse default's sets and a prior's confidence (the graph answers -1 / the class, NaN)."""
+    from fallbackformer.rungs.defaults import Coarse, Prior
+
+    parts = []
+    if model.cache is not None:
+        parts.append("the response cache")
+    default = model.runtime.default
+    if isinstance(default, Coarse):
+        parts.append("the coarse default's prediction sets")
+    elif isinstance(default, Prior):
+        parts.append("the prior default's confidence")
+    elif default is not None and default.kind == "callable":
+        parts.append(f"the callable default {default.name!r}")
+    return parts
 
 
 def _cond(pred: Tensor, true_fn, false_fn, operands: tuple):
@@ -53,23 +95,10 @@ def _cond(pred: Tensor, true_fn, false_fn, operands: tuple):
     return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
 
-def served_by_codes(path_names: Sequence[str]) -> list[str]:
-    """The ``served_by`` code table: ``codes[i]`` is the name of code ``i``.
-
-    For a primary with ``E`` exits (the final head included): codes ``0 .. E-2`` are the early
-    exits ``exit_1 .. exit_{E-1}``, ``E-1`` is ``primary``, ``E`` is ``student``, ``E+1`` is
-    ``default``.
-
-    Args:
-        path_names: the model's paths in order, ``FallbackModel.path_names``.
-    """
-    return list(path_names) + [DEFAULT]
-
-
 class CombinedGraph(nn.Module):
     """A :class:`FallbackModel`'s decisions as one traceable graph (see the module docstring).
 
-    Shares (does not copy) the model's modules.
+    Shares (does not copy) the model's decision module.
 
     Args:
         model: the model to mirror.
@@ -86,23 +115,24 @@ class CombinedGraph(nn.Module):
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
         self.variant = variant
-        primary = model.primary
-        self.input_transform = primary.input_transform
-        self.stages = primary.stages
-        self.heads = primary.heads
-        self.exit_stages: list[int] = list(primary.exit_stages)
-        self.student = model.student
+        self.decisions = model.decisions
         self.path_names: list[str] = list(model.path_names)
-        self.gates = nn.ModuleList([model.gates[name] for name in self.path_names])
-        self.router = getattr(model, "router", None)
-        if self.router is not None and variant != "where":
+        self.exit_stages: list[int] = list(model.primary.exit_stages)
+        if model.router is not None and variant != "where":
             raise ValueError(f"variant {variant!r} does not carry a router yet; export a routed model with "
                              "variant='where' (the student and every stage run, the router selects per sample)")
+        if model.decisions.rungs and variant != "where":
+            raise ValueError(f"variant {variant!r} does not carry the ladder's rungs {list(model.decisions.rungs)}; "
+                             "export it with variant='where' (every rung runs, Where selects per sample)")
+        runtime_only = runtime_only_parts(model)
+        if runtime_only:
+            warnings.warn(f"the exported graph leaves out {', '.join(runtime_only)}: they run in the runtime only "
+                          "(a graph holds no state and no Python); the graph's default is the class "
+                          f"{default_class_of(model)} (-1: abstain)", UserWarning, stacklevel=2)
         self.codes = served_by_codes(self.path_names)
         self.default_code = len(self.codes) - 1
         self.student_code = len(self.codes) - 2
-        default_class = model.policy.default_class
-        self.default_prediction = -1 if default_class is None else int(default_class)
+        self.default_prediction = default_class_of(model)
         spec = model.input_spec
         if spec is not None and spec.value_range is not None:
             lo, hi = spec.value_range
@@ -122,8 +152,6 @@ class CombinedGraph(nn.Module):
                 self.segment_shapes = self._probe_shapes(example_input)
                 self.train(was_training)
 
-    # ------------------------------------------------------------------ pieces
-
     def _bad(self, x: Tensor) -> Tensor:
         """Per-sample invalid input, as ``runtime.validation.bad_samples``. BoolTensor [B]."""
         flat = x.reshape(x.shape[0], -1)  # [B, D]
@@ -133,114 +161,14 @@ class CombinedGraph(nn.Module):
             bad = bad | (flat < lo).any(dim=1) | (flat > hi).any(dim=1)
         return bad
 
-    def _decide(self, k: int, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Gate ``k`` on ``logits`` [B, C]: (accepted [B], confidence [B], finite [B])."""
-        finite = torch.isfinite(logits).all(dim=1)  # [B]
-        accepted, confidence = self.gates[k](logits)
-        return accepted & finite, confidence.float(), finite
-
-    @staticmethod
-    def _take(
-        take: Tensor, code: int, logits: Tensor, conf: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor]
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        pred, served, confidence, out_logits = state
-        served = torch.where(take, torch.full_like(served, code), served)
-        pred = torch.where(take, logits.argmax(dim=1), pred)
-        confidence = torch.where(take, conf, confidence)
-        out_logits = torch.where(take[:, None], logits.float(), out_logits)
-        return pred, served, confidence, out_logits
-
-    def _initial_state(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        b = x.shape[0]
-        pred = torch.full((b,), self.default_prediction, dtype=torch.long, device=x.device)
-        served = torch.full((b,), self.default_code, dtype=torch.long, device=x.device)
-        confidence = torch.full((b,), float("nan"), dtype=torch.float32, device=x.device)
-        out_logits = torch.full_like(logits, float("nan"), dtype=torch.float32)  # [B, C]
-        return pred, served, confidence, out_logits
-
-    def _run_student(self, x: Tensor, to_student: Tensor, state: tuple) -> tuple:
-        logits = self.student(x)  # [B, C]
-        accepted, conf, _ = self._decide(len(self.path_names) - 1, logits)
-        return self._take(to_student & accepted, self.student_code, logits, conf, state)
-
-    # ------------------------------------------------------------------ forward
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor) -> Answer:
         """``x`` [B, ...] raw input -> (prediction [B], served_by [B], confidence [B], logits [B, C])."""
-        if self.router is not None:
-            return self._forward_router(x)
+        alive = ~self._bad(x)  # [B] samples still walking the stages; invalid ones get the default
         if self.variant == "cond":
-            return self._forward_cond(x)
-        return self._forward_where(x)
+            return self._forward_cond(x, alive)
+        return self.decisions(x, alive, self.default_prediction)
 
-    def _forward_router(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The runtime's routed decisions (``FallbackModel`` with a router), per sample, no deadline."""
-        from fallbackformer.gates.evidence import Evidence
-
-        router = self.router
-        alive = ~self._bad(x)  # [B] samples still walking the stages
-        to_student = torch.zeros_like(alive)  # [B] samples the student alone judges
-        student_logits = self.student(x).float()  # [B, C]: the student runs first
-        evidence = Evidence(student_logits=student_logits)
-        state = self._initial_state(x, student_logits)
-        h = self.input_transform(x)
-        last = len(self.exit_stages) - 1
-        k = 0
-        for i, stage in enumerate(self.stages):
-            h = stage(h)
-            if i not in self.exit_stages:
-                continue
-            logits = self.heads[str(i)](h).float()  # [B, C]
-            evidence.exit_logits.append(logits)
-            evidence.feature_scores.append(router.feature_scores[k](h))
-            finite = torch.isfinite(logits).all(dim=1)  # [B]
-            if k < last:
-                accepted, conf, _ = router.decide_exit(evidence, k)
-                take = alive & accepted & finite
-                state = self._take(take, k, logits, conf, state)
-                to_student = to_student | (alive & ~finite)
-                alive = alive & ~take & finite
-            else:
-                accepted, use_student, conf, _ = router.decide_final(evidence)
-                take = alive & accepted
-                state = self._take(take & ~use_student, k, logits, conf, state)
-                state = self._take(take & use_student, self.student_code, student_logits, conf, state)
-                to_student = to_student | (alive & ~accepted & ~finite)
-            k += 1
-        accepted, conf, _ = router.decide_student_alone(student_logits)
-        return self._take(to_student & accepted, self.student_code, student_logits, conf, state)
-
-    def _forward_where(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        alive = ~self._bad(x)  # [B] samples still walking the stages
-        to_student = torch.zeros_like(alive)  # [B]
-        h = self.input_transform(x)
-        state = None
-        last = len(self.exit_stages) - 1
-        k = 0
-        for i, stage in enumerate(self.stages):
-            h = stage(h)
-            if i not in self.exit_stages:
-                continue
-            logits = self.heads[str(i)](h)  # [B, C]
-            if state is None:
-                state = self._initial_state(x, logits)
-            alive, to_student, state = self._after_exit(k, k == last, logits, alive, to_student, state)
-            k += 1
-        return self._run_student(x, to_student, state)
-
-    def _after_exit(
-        self, k: int, is_last: bool, logits: Tensor, alive: Tensor, to_student: Tensor, state: Any
-    ) -> tuple[Tensor, Tensor, Any]:
-        """Exit ``k``: serve what its gate accepts among the samples still waiting (``alive``);
-        non-finite rows, and at the last exit every rejected row, go to the student."""
-        accepted, conf, finite = self._decide(k, logits)
-        take = alive & accepted
-        state = self._take(take, k, logits, conf, state)
-        if is_last:
-            return alive, to_student | (alive & ~take), state
-        return alive & ~accepted & finite, to_student | (alive & ~finite), state
-
-    def _forward_cond(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _forward_cond(self, x: Tensor, alive: Tensor) -> Answer:
         # A flat sequence of conds (one per segment of stages between exits, one for the student),
         # not a nested tree: each branch is traced once. A skipped segment returns zeros of the
         # segment's output shapes; nothing is pending then, so no later exit can take those zeros.
@@ -249,10 +177,10 @@ class CombinedGraph(nn.Module):
                 "the 'cond' variant needs the stage output shapes; build CombinedGraph(model, "
                 "'cond', example_input=x) or give the model an input_spec"
             )
-        alive = ~self._bad(x)  # [B]
+        decisions = self.decisions
         to_student = torch.zeros_like(alive)  # [B]
-        h = self.input_transform(x)
-        state = None
+        h = decisions.primary.input_transform(x)
+        answer = None
         last = len(self.exit_stages) - 1
         for k in range(len(self.exit_stages)):
             if k == 0:
@@ -261,28 +189,29 @@ class CombinedGraph(nn.Module):
                 h, logits = _cond(
                     alive.any(), self._segment_fn(k, run=True), self._segment_fn(k, run=False), (h,)
                 )
-            if state is None:
-                state = self._initial_state(x, logits)
-            alive, to_student, state = self._after_exit(k, k == last, logits, alive, to_student, state)
+            if answer is None:
+                answer = initial_answer(x, logits, self.default_code, self.default_prediction)
+            alive, to_student, answer = decisions.after_exit(k, k == last, logits, alive, to_student, answer)
         c_student = self.segment_shapes[-1][1]
 
         def run_student(x: Tensor) -> Tensor:
-            return self.student(x).float()
+            return decisions.student(x).float()
 
         def skip_student(x: Tensor) -> Tensor:
             return torch.zeros((x.shape[0], c_student), dtype=torch.float32, device=x.device)
 
         logits = _cond(to_student.any(), run_student, skip_student, (x,))  # [B, C]
-        accepted, conf, _ = self._decide(len(self.path_names) - 1, logits)
-        return self._take(to_student & accepted, self.student_code, logits, conf, state)
+        accepted, conf, _ = decisions.gate_decision(self.student_code, logits)
+        return take(to_student & accepted, self.student_code, logits, conf, answer)
 
     def _segment(self, k: int, h: Tensor) -> tuple[Tensor, Tensor]:
         """Stages after exit ``k-1`` up to exit ``k``, and exit ``k``'s head: (features, logits [B, C])."""
+        primary = self.decisions.primary
         start = 0 if k == 0 else self.exit_stages[k - 1] + 1
         stop = self.exit_stages[k]
         for i in range(start, stop + 1):
-            h = self.stages[i](h)
-        return h, self.heads[str(stop)](h).float()
+            h = primary.stages[i](h)
+        return h, primary.head(stop)(h).float()
 
     def _segment_fn(self, k: int, run: bool):
         feat_shape, c = self.segment_shapes[k]
@@ -303,9 +232,9 @@ class CombinedGraph(nn.Module):
     def _probe_shapes(self, x: Tensor) -> list[tuple[tuple[int, ...], int]]:
         """Per exit: (feature shape without batch, number of classes); last entry: the student's."""
         shapes = []
-        h = self.input_transform(x)
+        h = self.decisions.primary.input_transform(x)
         for k in range(len(self.exit_stages)):
             h, logits = self._segment(k, h)
             shapes.append((tuple(h.shape[1:]), int(logits.shape[1])))
-        shapes.append(((), int(self.student(x).shape[1])))
+        shapes.append(((), int(self.decisions.student(x).shape[1])))
         return shapes

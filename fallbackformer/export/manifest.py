@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from fallbackformer.common.jsonsafe import parse_json_float
+
 if TYPE_CHECKING:  # pragma: no cover
     from fallbackformer.gates.gate import ConfidenceGate
     from fallbackformer.runtime.fallback_model import FallbackModel
@@ -83,6 +85,14 @@ def register_section(section: ManifestSection) -> ManifestSection:
     return section
 
 
+def unregister_section(name: str) -> ManifestSection | None:
+    """Remove the optional section ``name`` (a plug-in unloaded, a test's stand-in); ``None`` if absent.
+
+    Bundles that carry the section are refused at load from then on, as any unknown field is.
+    """
+    return _SECTIONS.pop(name, None)
+
+
 def registered_sections() -> dict[str, ManifestSection]:
     """The registered optional sections by name."""
     return dict(_SECTIONS)
@@ -127,6 +137,8 @@ class Manifest:
     raw: dict[str, Any]
     sections: dict[str, Any] = field(default_factory=dict)
     router: dict[str, Any] | None = None
+    #: the fallback ladder beyond the student (``None``: the single-student form), see :func:`_parse_ladder`
+    ladder: dict[str, Any] | None = None
 
 
 class _Ctx:
@@ -165,7 +177,7 @@ def _show(value: Any) -> str:
 _CORE_FIELDS = (
     "format", "format_version", "fallbackformer_version", "torch_version", "models", "input_spec",
     "class_names", "policy", "paths", "gates", "served_by_codes", "latency_profile", "evaluation",
-    "degradation", "onnx", "files", "router", DIGEST_FIELD,
+    "degradation", "onnx", "files", "router", "ladder", DIGEST_FIELD,
 )
 
 
@@ -210,14 +222,15 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
     for free in ("evaluation", "degradation"):
         ctx.get(raw, free, free, dict, optional=True)
     onnx = ctx.get(raw, "onnx", "onnx", dict, optional=True)
-    onnx_files = _onnx_files(onnx)
-    for rel in onnx_files:
+    graphs = onnx_files(onnx)
+    for rel in graphs:
         if rel not in files:
             raise ctx.fail("onnx", f"names {rel}, but the files list has no sha256 for {rel}")
     router = ctx.get(raw, "router", "router", dict, optional=True)
     if router is not None and router.get("file") not in files:
         raise ctx.fail("router.file", f"is {_show(router.get('file'))}, which the files list does not hold",
                        "re-save the bundle with ff.save")
+    ladder = _parse_ladder(ctx, raw, files, paths)
     sections = {}
     for name, section in _SECTIONS.items():
         if raw.get(name) is not None:
@@ -234,11 +247,52 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
         class_names=class_names,
         latency_profile=_parse_profile(ctx, raw),
         onnx=onnx,
-        onnx_files=onnx_files,
+        onnx_files=graphs,
         raw=raw,
         sections=sections,
         router=router,
+        ladder=ladder,
     )
+
+
+def _parse_ladder(ctx: _Ctx, raw: Mapping[str, Any], files: Mapping[str, FileEntry],
+                  paths: list[str]) -> dict[str, Any] | None:
+    """The optional ``ladder`` field: rungs after the student (a registry entry and a weights file each;
+    their gates sit in ``gates`` under their names), the veto, the cache's config, the typed default.
+
+    ``{"rungs": [{"name", "registry_name", "registry_kwargs", "file"}], "veto": [names],
+    "cache": CacheConfig.to_dict() | null, "default": SafeDefault.to_dict() | null}``; all data, no code.
+    """
+    section = ctx.get(raw, "ladder", "ladder", dict, optional=True)
+    if section is None:
+        return None
+    from fallbackformer.rungs.cache import CacheConfig
+    from fallbackformer.rungs.defaults import default_from_dict
+
+    unknown = sorted(set(section) - {"rungs", "veto", "cache", "default"})
+    if unknown:
+        raise ctx.fail(f"ladder.{unknown[0]}", "is not a ladder field", "the ladder holds rungs, veto, cache, default")
+    rungs = []
+    for i, rung in enumerate(ctx.get(section, "rungs", "ladder.rungs", list)):
+        fld = f"ladder.rungs[{i}]"
+        if not isinstance(rung, dict):
+            raise ctx.fail(fld, f"is {_show(rung)}, expected an object")
+        name = ctx.get(rung, "name", f"{fld}.name", str)
+        filename = ctx.get(rung, "file", f"{fld}.file", str)
+        if filename not in files:
+            raise ctx.fail(f"{fld}.file", f"names {filename!r}, but the files list has no sha256 for {filename}")
+        if name not in paths:
+            raise ctx.fail(f"{fld}.name", f"is {name!r}, which paths {paths} does not hold")
+        rungs.append((name, ModelEntry(ctx.get(rung, "registry_name", f"{fld}.registry_name", str),
+                                       ctx.get(rung, "registry_kwargs", f"{fld}.registry_kwargs", dict), filename)))
+    veto = ctx.get(section, "veto", "ladder.veto", list)
+    if not all(isinstance(v, str) for v in veto):
+        raise ctx.fail("ladder.veto", f"is {_show(veto)}, expected a list of rung names")
+    cache = ctx.get(section, "cache", "ladder.cache", dict, optional=True)
+    default = ctx.get(section, "default", "ladder.default", dict, optional=True)
+    return {"rungs": rungs, "veto": list(veto),
+            "cache": None if cache is None else _call(ctx, "ladder.cache", CacheConfig.from_dict, cache),
+            "default": None if default is None else _call(ctx, "ladder.default", default_from_dict, default)}
 
 
 def _call(ctx: _Ctx, fld: str, fn: Callable[[Any], Any], content: Any) -> Any:
@@ -315,7 +369,7 @@ def _parse_policy(ctx: _Ctx, raw: Mapping[str, Any]) -> "Policy":
     from fallbackformer.runtime.policy import Policy
 
     data = ctx.get(raw, "policy", "policy", dict)
-    decoded = {k: (float(v) if isinstance(v, str) and v in ("inf", "-inf", "nan") else v) for k, v in data.items()}
+    decoded = {k: (parse_json_float(v) if isinstance(v, str) and v in ("inf", "-inf", "nan") else v) for k, v in data.items()}
     return _call(ctx, "policy", Policy.from_dict, decoded)
 
 
@@ -352,15 +406,17 @@ def _parse_profile(ctx: _Ctx, raw: Mapping[str, Any]) -> "LatencyProfile | None"
     return _call(ctx, "latency_profile", LatencyProfile.from_dict, data)
 
 
-def _onnx_files(section: Any) -> list[str]:
+def onnx_files(section: Any) -> list[str]:
     """Every file path named in the manifest's ``onnx`` section (strings ending in ``.onnx``)."""
     if isinstance(section, str):
         return [section] if section.endswith(".onnx") else []
     if isinstance(section, Mapping):
-        return [f for v in section.values() for f in _onnx_files(v)]
+        return [f for v in section.values() for f in onnx_files(v)]
     if isinstance(section, (list, tuple)):
-        return [f for v in section for f in _onnx_files(v)]
+        return [f for v in section for f in onnx_files(v)]
     return []
+
+
 
 
 # ---------------------------------------------------------------------- decoding and the digest

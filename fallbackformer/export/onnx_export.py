@@ -17,7 +17,6 @@ import functools
 import inspect
 import io
 import logging
-import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fallbackformer.export.graph import OUTPUT_NAMES, VARIANTS, CombinedGraph, served_by_codes
+from fallbackformer.runtime.clock import median_ms
 
 if TYPE_CHECKING:  # pragma: no cover
     from fallbackformer.runtime.fallback_model import FallbackModel
@@ -326,18 +326,6 @@ def check_onnx_parity(model: "FallbackModel", onnx_path: str | Path, x: Tensor) 
     return compare_decisions(ref, got)
 
 
-def _median_ms(fn, x: Tensor, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def onnxruntime_vs_torch(
     model: "FallbackModel",
     x_b1: Tensor,
@@ -390,12 +378,12 @@ def _compare_latency(model, batches, repeats, variants, onnx_paths, backend_mode
     import tempfile
 
     ref = reference_runtime(model)
-    torch_ms = {k: _median_ms(ref, x, repeats) for k, x in batches.items()}
+    torch_ms = {k: median_ms(lambda x=x: ref(x), repeats, discard=3) for k, x in batches.items()}
     expected = {k: runtime_decisions(model, x) for k, x in batches.items()}
     result: dict[str, Any] = {"torch_ms": torch_ms, "threads": threads}
 
     def row(fn, decide) -> dict[str, Any]:
-        ms = {k: _median_ms(fn, x, repeats) for k, x in batches.items()}
+        ms = {k: median_ms(lambda fn=fn, x=x: fn(x), repeats, discard=3) for k, x in batches.items()}
         identical = all(
             compare_decisions(expected[k], decide(x))["decisions_agree"] for k, x in batches.items()
         )

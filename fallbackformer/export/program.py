@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from fallbackformer.common.jsonsafe import dumps
 from fallbackformer.export.graph import OUTPUT_NAMES, CombinedGraph, served_by_codes
 from fallbackformer.export.onnx_export import example_input as _example_input
 
@@ -80,5 +81,5 @@ def export_program(
         "served_by_codes": served_by_codes(model.path_names),
         "variant": variant,
     }
-    torch.export.save(program, str(path), extra_files={"fallbackformer.json": json.dumps(info)})
+    torch.export.save(program, str(path), extra_files={"fallbackformer.json": dumps(info)})
     return path

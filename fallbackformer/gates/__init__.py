@@ -6,6 +6,7 @@ scipy or torchmetrics).
 
 from fallbackformer.gates.drift import InputRangeCheck, ScoreDriftMonitor
 from fallbackformer.gates.gate import METHODS, ConfidenceGate
+from fallbackformer.gates.guarantee import Guarantee
 from fallbackformer.gates.learned import LearnedScore
 from fallbackformer.gates.pvalues import binom_pvalue, hb_pvalue, ltt_pvalues, min_accepted
 from fallbackformer.gates.risk_control import threshold_grid
@@ -18,12 +19,13 @@ from fallbackformer.gates.scores import (
     patience,
 )
 from fallbackformer.gates.system import calibrate_system
-from fallbackformer.gates.temperature import brier, ece, fit_temperature, nll
+from fallbackformer.gates.temperature import brier, fit_temperature, nll
 
 __all__ = [
     "METHODS",
     "SCORES",
     "ConfidenceGate",
+    "Guarantee",
     "InputRangeCheck",
     "LearnedScore",
     "ScoreDriftMonitor",
@@ -31,7 +33,6 @@ __all__ = [
     "brier",
     "calibrate_system",
     "compute_score",
-    "ece",
     "fit_temperature",
     "hb_pvalue",
     "ltt_pvalues",

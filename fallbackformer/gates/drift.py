@@ -44,6 +44,7 @@ __all__ = [
     "InputRangeCheck",
     "ScoreDriftMonitor",
     "ks_critical_value",
+    "ks_from_counts",
     "ks_pvalue",
     "ks_statistic",
 ]
@@ -67,12 +68,17 @@ def ks_statistic(reference: Tensor, samples: Tensor) -> Tensor:
     w = samples.double().sort(dim=1).values.contiguous()  # [R, m]
     right = torch.searchsorted(ref, w, right=True)  # [R, m] count of ref <= x
     left = torch.searchsorted(ref, w, right=False)  # count of ref < x
-    d = _ks_from_counts(right, left, ref.shape[0])
+    d = ks_from_counts(right, left, ref.shape[0])
     return d[0] if squeeze else d
 
 
-def _ks_from_counts(right: Tensor, left: Tensor, n: int) -> Tensor:
-    """KS distance from the reference counts at a row's SORTED sample points ``[R, m]``."""
+def ks_from_counts(right: Tensor, left: Tensor, n: int) -> Tensor:
+    """KS distance from the reference counts at a row's SORTED sample points ``[R, m]``.
+
+    ``right`` / ``left``: how many reference values are ``<=`` / ``<`` each point (``searchsorted`` of
+    the sorted reference, ``right=True`` / ``False``); ``n``: the reference size. The building block of
+    :func:`ks_statistic`, public so that a replay can count once and slide windows over the counts.
+    """
     m = right.shape[-1]
     i = torch.arange(1, m + 1, dtype=torch.float64)
     above = i / m - right.double() / n  # F_row(x_(i)) - F_ref(x_(i)), largest at the last tie

@@ -23,8 +23,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from fallbackformer.common.jsonsafe import json_float, json_safe, parse_json_float
 from fallbackformer.gates import risk_control
-from fallbackformer.gates.scores import SCORES, _max_softmax_eager, _tracing, compute_score
+from fallbackformer.gates.guarantee import Guarantee, certified
+from fallbackformer.gates.scores import SCORES, compute_score, is_tracing, max_softmax_fused
 from fallbackformer.gates.temperature import fit_temperature
 
 __all__ = ["ConfidenceGate", "METHODS", "reference_sample"]
@@ -33,36 +35,6 @@ METHODS = ("ltt_binom", "ltt_hb", "crc", "empirical")
 _SCORE_NAMES = tuple(SCORES) + ("learned",)
 REFERENCE_SIZE = 512
 CONFIG_VERSION = 1
-
-
-def _json_float(x: float | None) -> float | str | None:
-    """JSON has no inf/nan: write them as strings."""
-    if x is None:
-        return None
-    x = float(x)
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
-
-
-def _from_json_float(x: float | str | None) -> float:
-    if x is None:
-        return math.nan
-    return float(x)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return _json_float(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return _json_safe(obj.tolist())
-    return obj
 
 
 def reference_sample(scores: Tensor, size: int = REFERENCE_SIZE) -> Tensor:
@@ -86,7 +58,7 @@ class ConfidenceGate(nn.Module):
         temperature: ``T > 0``; the score is computed on ``logits / T``.
         threshold: accept where ``score >= threshold`` (score units); ``inf`` accepts nothing.
         score: one of ``max_softmax``, ``margin``, ``neg_entropy``, ``learned``.
-        guarantee: what the calibration established (see :meth:`calibrate`), or None.
+        guarantee: what the calibration established (a :class:`Guarantee`, or its JSON form), or None.
         reference_scores: a compact sorted sample of calibration-time scores for drift checks.
         learned: parameters of the learned score (required when ``score == "learned"``).
     """
@@ -100,7 +72,7 @@ class ConfidenceGate(nn.Module):
         temperature: float = 1.0,
         threshold: float = math.inf,
         score: str = "max_softmax",
-        guarantee: dict | None = None,
+        guarantee: Guarantee | Mapping[str, Any] | None = None,
         reference_scores: Tensor | Sequence[float] | None = None,
         learned: Mapping[str, Any] | None = None,
     ) -> None:
@@ -112,7 +84,9 @@ class ConfidenceGate(nn.Module):
         if math.isnan(threshold):
             raise ValueError("threshold is NaN; use +inf for a gate that accepts nothing.")
         self.score = score
-        self.guarantee = dict(guarantee) if guarantee is not None else None
+        self.guarantee: Guarantee | None = (
+            Guarantee.from_dict(guarantee) if isinstance(guarantee, Mapping) else guarantee
+        )
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
         self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32))
         ref = torch.as_tensor(
@@ -154,7 +128,7 @@ class ConfidenceGate(nn.Module):
         temperature, thr = buffers["temperature"], buffers["threshold"]
         if self._inline_max_softmax(logits, temperature, thr):
             # confidence() inlined: the same division and max softmax, in four kernels with the test
-            conf = _max_softmax_eager(logits / temperature)  # [B]
+            conf = max_softmax_fused(logits / temperature)  # [B]
             return conf >= thr, conf  # NaN (a non-finite logit) is never >= thr
         return self._accept_and_confidence(logits, thr)
 
@@ -190,7 +164,7 @@ class ConfidenceGate(nn.Module):
             and temperature.device == device
             and thr.device == device
             and type(self).confidence is ConfidenceGate.confidence
-            and not _tracing()
+            and not is_tracing()
         )
 
     def _accept_and_confidence(self, logits: Tensor, thr: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,7 +178,7 @@ class ConfidenceGate(nn.Module):
         return torch.isfinite(conf) & (conf >= thr), conf  # a subclass's score: no such promise
 
     def extra_repr(self) -> str:
-        method = (self.guarantee or {}).get("method")
+        method = self.guarantee.method if self.guarantee is not None else None
         return (
             f"score={self.score!r}, temperature={float(self.temperature):.4g}, "
             f"threshold={float(self.threshold):.6g}, method={method!r}"
@@ -217,8 +191,8 @@ class ConfidenceGate(nn.Module):
             "config_version": CONFIG_VERSION,
             "score": self.score,
             "temperature": float(self.temperature),
-            "threshold": _json_float(float(self.threshold)),
-            "guarantee": _json_safe(self.guarantee) if self.guarantee is not None else None,
+            "threshold": json_float(float(self.threshold)),
+            "guarantee": json_safe(self.guarantee.to_dict()) if self.guarantee is not None else None,
             "reference_scores": [float(f"{v:.7g}") for v in self.reference_scores.tolist()],
         }
         if self.learned_score is not None:
@@ -235,15 +209,11 @@ class ConfidenceGate(nn.Module):
                 "recalibrate the gate with this fallbackformer version."
             )
         guarantee = config.get("guarantee")
-        if guarantee is not None:
-            guarantee = dict(guarantee)
-            if "threshold" in guarantee:
-                guarantee["threshold"] = _from_json_float(guarantee["threshold"])
         return cls(
             temperature=float(config.get("temperature", 1.0)),
-            threshold=_from_json_float(config.get("threshold", "inf")),
+            threshold=parse_json_float(config.get("threshold", "inf")),
             score=config.get("score", "max_softmax"),
-            guarantee=guarantee,
+            guarantee=Guarantee.from_dict(guarantee) if guarantee is not None else None,
             reference_scores=config.get("reference_scores"),
             learned=config.get("learned"),
         )
@@ -281,9 +251,10 @@ class ConfidenceGate(nn.Module):
             grid_size: size of the fixed threshold grid.
 
         Returns:
-            A gate whose ``guarantee`` dict records alpha, delta, method, n_cal, coverage_cal,
-            threshold, temperature, score and whether the bound was ``satisfied`` (with a
-            ``reason``). When no threshold meets the bound the threshold is +inf (accept nothing).
+            A gate whose :class:`Guarantee` records alpha, delta, method, the calibration size,
+            coverage, threshold and whether the bound was ``satisfied`` (with a ``reason``), and in
+            ``details`` the temperature, score and test figures. When no threshold meets the bound
+            the threshold is +inf (accept nothing).
         """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}.")
@@ -325,19 +296,13 @@ class ConfidenceGate(nn.Module):
         accepted = torch.isfinite(conf) & (conf >= gate.threshold)
         n_acc = int(accepted.sum())
         n_err = int((accepted & errors).sum())
-        gate.guarantee = {
-            "alpha": float(alpha),
-            "delta": float(delta),
-            "method": method,
-            "score": score,
-            "threshold": thr,
-            "temperature": float(gate.temperature),
-            "temperature_source": t_source,
-            "n_cal": int(labels.shape[0]),
-            "n_accepted_cal": n_acc,
-            "coverage_cal": n_acc / max(int(labels.shape[0]), 1),
-            "selective_risk_cal": (n_err / n_acc) if n_acc else None,
-            **{k: v for k, v in result.items() if k != "threshold"},
-        }
+        tests = {k: v for k, v in result.items() if k not in ("threshold", "satisfied", "reason", "risk", "kind")}
+        gate.guarantee = certified(
+            alpha=alpha, delta=delta, method=method, n=int(labels.shape[0]), threshold=thr,
+            satisfied=result["satisfied"], reason=result["reason"], risk=result["risk"], kind=result["kind"],
+            coverage=n_acc / max(int(labels.shape[0]), 1), selective_risk=(n_err / n_acc) if n_acc else None,
+            score=score, temperature=float(gate.temperature), temperature_source=t_source, n_accepted_cal=n_acc,
+            **tests,
+        )
         gate.reference_scores = reference_sample(conf)
         return gate

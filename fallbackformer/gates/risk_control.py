@@ -60,6 +60,8 @@ from fallbackformer.gates.scores import score_range
 
 __all__ = [
     "LTT_METHODS",
+    "PVALUE_NAMES",
+    "PVALUE_SHORT",
     "acceptance_counts",
     "binom_pvalue",
     "fixed_sequence",
@@ -266,8 +268,9 @@ def ltt_hb_threshold(
     return ltt_threshold(scores, errors, alpha, delta, grid, "ltt_hb", return_info)
 
 
-_PVALUE_NAMES = {"ltt_binom": "exact binomial", "ltt_hb": "Hoeffding-Bentkus"}
-_PVALUE_SHORT = {"ltt_binom": "binomial", "ltt_hb": "HB"}
+#: how a guarantee's reason names each LTT p-value, in full and short
+PVALUE_NAMES = {"ltt_binom": "exact binomial", "ltt_hb": "Hoeffding-Bentkus"}
+PVALUE_SHORT = {"ltt_binom": "binomial", "ltt_hb": "HB"}
 
 
 def _ltt_explain(info: dict, alpha: float, delta: float, what: str) -> dict:
@@ -290,7 +293,7 @@ def _ltt_explain(info: dict, alpha: float, delta: float, what: str) -> dict:
     if last < 0:
         out.update(satisfied=False, p_value_first=float(pv[start]), reason=(
             f"the most conservative testable threshold (accepting {int(n[start])} calibration "
-            f"samples, {int(k[start])} wrong) has {_PVALUE_SHORT[method]} p-value {float(pv[start]):.3g} > "
+            f"samples, {int(k[start])} wrong) has {PVALUE_SHORT[method]} p-value {float(pv[start]):.3g} > "
             f"delta={delta:g}: selective risk <= {alpha:g} cannot be certified. The gate accepts "
             "nothing."))
         return out
@@ -298,7 +301,7 @@ def _ltt_explain(info: dict, alpha: float, delta: float, what: str) -> dict:
         satisfied=True,
         p_value=float(pv[last]),
         n_tested=last - start + 1,
-        reason=f"Learn-then-Test ({_PVALUE_NAMES[method]} p-value, fixed sequence over {g} fixed thresholds): "
+        reason=f"Learn-then-Test ({PVALUE_NAMES[method]} p-value, fixed sequence over {g} fixed thresholds): "
         + statement,
     )
     return out

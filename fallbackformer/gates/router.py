@@ -31,7 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fallbackformer.common.jsonsafe import json_float, json_safe, parse_json_float
 from fallbackformer.gates.evidence import Evidence, MahalanobisScore, feature_width, path_features, pool_features
+from fallbackformer.gates.guarantee import Guarantee
 
 __all__ = ["Router", "Scorer", "ROUTER_CONFIG_VERSION"]
 
@@ -117,7 +119,7 @@ class Router(nn.Module):
         positions: list[int | str] = [*range(num_exits), "student", "student_alone"]
         self.scorers = nn.ModuleDict({str(p): Scorer(feature_width(p, num_exits), hidden) for p in positions})
         self.register_buffer("threshold", torch.tensor(math.inf))
-        self.guarantee: dict[str, Any] = {"satisfied": False, "reason": "not calibrated"}
+        self.guarantee: Guarantee | None = None  # set by router_calibration.certify
 
     # ------------------------------------------------------------------ decisions
 
@@ -185,8 +187,9 @@ class Router(nn.Module):
             "feature_dims": list(self.feature_dims),
             "hidden": self.hidden,
             "exit_floor": self.exit_floor,
-            "threshold": _json_float(float(self.threshold)),
-            "guarantee": self.guarantee,
+            "threshold": json_float(float(self.threshold)),
+            "guarantee": (json_safe(self.guarantee.to_dict()) if self.guarantee is not None
+                          else {"satisfied": False, "reason": "not calibrated"}),
         }
 
     @classmethod
@@ -206,19 +209,10 @@ class Router(nn.Module):
                              "feature_dims and hidden") from exc
         if state is not None:
             router.load_state_dict(dict(state))
-        router.threshold.fill_(_from_json_float(config.get("threshold")))
-        router.guarantee = dict(config.get("guarantee") or {})
+        router.threshold.fill_(parse_json_float(config.get("threshold"), missing=math.inf))  # none stored: accepts nothing
+        stored = config.get("guarantee") or {}
+        router.guarantee = Guarantee.from_dict(stored) if stored.get("alpha") is not None else None  # uncalibrated
         return router
 
     def extra_repr(self) -> str:
         return f"num_exits={self.num_exits}, threshold={float(self.threshold):.4f}"
-
-
-def _json_float(x: float) -> float | str:
-    return "inf" if math.isinf(x) and x > 0 else x
-
-
-def _from_json_float(x: Any) -> float:
-    if x == "inf" or x is None:
-        return math.inf
-    return float(x)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fallbackformer.gates.evidence import Evidence
+from fallbackformer.gates.guarantee import certified
 from fallbackformer.gates.pvalues import ltt_pvalues, min_accepted
 from fallbackformer.gates.risk_control import fixed_sequence
 from fallbackformer.gates.router import Router
@@ -172,21 +173,13 @@ def certify(router: Router, evidence: Evidence, labels: Tensor, alpha: float, de
     router.threshold.fill_(thr)
     full_n, full_k = (int(n[0, info["index"]]), int(k[0, info["index"]])) if info["index"] is not None else (0, 0)
     m = int(labels.shape[0])
-    router.guarantee = {
-        "kind": "high_probability",
-        "risk": "system selective risk: errors among the answers not served by the safe default",
-        "alpha": float(alpha), "delta": float(delta), "method": method,
-        "deadline_robust": bool(deadline_robust),
-        "satisfied": info["index"] is not None,
-        "threshold": thr if math.isfinite(thr) else "inf",
-        "n_cal": m, "n_answered_cal": full_n,
-        "coverage_cal": full_n / m if m else 0.0,
-        "selective_risk_cal": full_k / full_n if full_n else None,
-        "n_min": info["n_min"],
-        "covers": covers,
-        "statement": _statement(alpha, delta, covers),
-        "reason": info["reason"],
-    }
+    router.guarantee = certified(
+        alpha=alpha, delta=delta, method=method, n=m, threshold=thr, satisfied=info["index"] is not None,
+        reason=info["reason"], risk="system selective risk: errors among the answers not served by the safe default",
+        kind="high_probability", covers=covers, coverage=full_n / m if m else 0.0,
+        selective_risk=full_k / full_n if full_n else None, deadline_robust=bool(deadline_robust),
+        n_answered_cal=full_n, n_min=info["n_min"],
+    )
     return router
 
 
@@ -223,14 +216,6 @@ def _fixed_sequence(n: Tensor, k: Tensor, grid: Tensor, alpha: float, delta: flo
             f"the most conservative testable threshold is not certified at delta={delta}: selective risk <= "
             f"{alpha} cannot be certified; the router answers nothing")}
     return float(grid[int(last)]), {"index": int(last), "n_min": n_min, "reason": "certified"}
-
-
-def _statement(alpha: float, delta: float, covers: dict[str, Any]) -> str:
-    names = covers.get("corruptions") or []
-    return (f"With probability >= {1 - delta:.2f} over the calibration draw, at most {alpha:.0%} of the answers "
-            f"given are wrong, for requests drawn like the calibration mixture: clean with probability "
-            f"{covers.get('clean_weight')}, else one of {len(names)} corruptions ({', '.join(names)}) at severities "
-            f"{covers.get('severities')}. It says nothing about other shifts (for example the held-out corruptions).")
 
 
 def mixture_covers(clean_weight: float, corruptions: Sequence[str], severities: Sequence[int], seed: int) -> dict[str, Any]:

@@ -19,8 +19,10 @@ from torch import Tensor
 __all__ = [
     "SCORES",
     "compute_score",
+    "is_tracing",
     "margin",
     "max_softmax",
+    "max_softmax_fused",
     "neg_entropy",
     "patience",
     "score_range",
@@ -47,7 +49,7 @@ def _probs(logits: Tensor) -> tuple[Tensor, Tensor]:
     return torch.softmax(x, dim=1), finite
 
 
-def _tracing() -> bool:
+def is_tracing() -> bool:
     """Under torch.compile / torch.export (the ONNX exporter) or torch.jit tracing."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
@@ -56,15 +58,16 @@ def max_softmax(logits: Tensor) -> Tensor:
     """Largest softmax probability, in ``[1/C, 1]``; NaN where a logit is not finite."""
     _check_logits(logits)
     x = logits if logits.dtype == torch.float64 else logits.float()  # [B, C]
-    if _tracing():  # a graph: explicit masks, whatever the backend's NaN rules for reductions
+    if is_tracing():  # a graph: explicit masks, whatever the backend's NaN rules for reductions
         p, finite = _probs(x)  # [B, C], [B]
         s = p.max(dim=1).values  # [B]
         return torch.where(finite, s, torch.full_like(s, float("nan")))
-    return _max_softmax_eager(x)
+    return max_softmax_fused(x)
 
 
-def _max_softmax_eager(x: Tensor) -> Tensor:
-    """:func:`max_softmax` on float logits ``[B, C]`` in three kernels (the gate's hot path).
+def max_softmax_fused(x: Tensor) -> Tensor:
+    """:func:`max_softmax` on eager float logits ``[B, C]`` in three kernels (the gate's hot path; a
+    graph being traced keeps the masked form of :func:`max_softmax`).
 
     Bit-identical to the masked form: a finite row's softmax is the same kernel on the same
     values; a row with NaN or +inf has a NaN softmax (``inf - inf``) and eager ``amax`` propagates

@@ -51,8 +51,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from fallbackformer.common.paths import path_names
 from fallbackformer.gates import risk_control as rc
 from fallbackformer.gates.gate import METHODS, ConfidenceGate, reference_sample
+from fallbackformer.gates.guarantee import certified
 from fallbackformer.gates.temperature import fit_temperature
 
 __all__ = ["calibrate_system", "cascade_counts", "cascade_served", "system_thresholds"]
@@ -259,11 +261,12 @@ def calibrate_system(
         score_train: ``(exit_logits, student_logits, labels)`` of a split disjoint from
             calibration, for ``score="learned"``.
         grid_size: size of the fixed ``lambda`` grid.
-        names: gate names for the guarantee dicts (default ``exit_1.., primary, student``).
+        names: gate names for the guarantees (default ``exit_1.., primary, student``).
 
     Returns:
         Gates ``[exit_1.., primary, student]``, all with threshold ``lambda_hat`` (+inf, accept
-        nothing, when no ``lambda`` is certified) and a ``guarantee`` dict with ``scope="system"``.
+        nothing, when no ``lambda`` is certified) and a :class:`~fallbackformer.gates.guarantee.Guarantee`
+        whose details say ``scope="system"``, the gate's ``name`` and ``position``.
 
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)
@@ -272,7 +275,7 @@ def calibrate_system(
     >>> exits = [s * onehot + 2 * torch.randn(3000, 10, generator=g) for s in (3.0, 5.0, 7.0)]
     >>> student = 4 * onehot + 2 * torch.randn(3000, 10, generator=g)
     >>> gates = calibrate_system(exits, student, y, alpha=0.05, delta=0.1)
-    >>> [gate.guarantee["name"] for gate in gates]
+    >>> [gate.guarantee.details["name"] for gate in gates]
     ['exit_1', 'exit_2', 'primary', 'student']
     """
     if len(exit_logits) < 1:
@@ -284,7 +287,7 @@ def calibrate_system(
             raise ValueError(f"logits #{i} have shape {tuple(z.shape)}; every entry must be [N={n}, C].")
     m = len(all_logits)
     if names is None:
-        names = [f"exit_{i + 1}" for i in range(m - 2)] + ["primary", "student"]
+        names = path_names(m - 1)  # the primary's m - 1 heads, then the student
     if len(names) != m:
         raise ValueError(f"names has {len(names)} entries, expected {m} (exits + primary + student).")
     if temperatures is not None and len(temperatures) != m:
@@ -322,26 +325,15 @@ def calibrate_system(
     for i, gate in enumerate(gates):
         gate.threshold.fill_(thr)
         gate.reference_scores = reference_sample(conf[i])
-        gate.guarantee = {
-            "scope": "system",
-            "name": names[i],
-            "position": i,
-            "alpha": float(alpha),
-            "delta": float(delta),
-            "method": method,
-            "score": score,
-            "threshold": thr,
-            "temperature": float(gate.temperature),
-            "temperature_source": "given" if temperatures is not None else "fitted on the calibration split",
-            "n_cal": n,
-            "coverage_cal": float((served == i).double().mean()),
-            "selective_risk_cal": _risk(errors[i], served == i),
-            "deadline_robust": bool(deadline_robust),
-            "satisfied": satisfied,
-            "reason": reason,
-            **sys_stats,
-            **extra,
-        }
+        gate.guarantee = certified(
+            alpha=alpha, delta=delta, method=method, n=n, threshold=thr, satisfied=satisfied, reason=reason,
+            risk=extra["risk"], kind=extra["kind"], coverage=float((served == i).double().mean()),
+            selective_risk=_risk(errors[i], served == i), scope="system", name=names[i], position=i, score=score,
+            temperature=float(gate.temperature),
+            temperature_source="given" if temperatures is not None else "fitted on the calibration split",
+            deadline_robust=bool(deadline_robust), **sys_stats,
+            **{k: v for k, v in extra.items() if k not in ("risk", "kind")},
+        )
     return gates
 
 
@@ -377,10 +369,10 @@ def _explain(info: dict, method: str, alpha: float, delta: float, m: int, thr: f
                        "on more data or raise alpha/delta. All gates accept nothing."), extra
     if last < 0:
         pv = float(info["pvalues"][start])
-        return False, (f"at the most conservative testable threshold the largest {rc._PVALUE_SHORT[method]} p-value over {scope} is "
+        return False, (f"at the most conservative testable threshold the largest {rc.PVALUE_SHORT[method]} p-value over {scope} is "
                        f"{pv:.3g} > delta={delta:g}: system selective risk <= {alpha:g} cannot be certified. "
                        "All gates accept nothing."), {**extra, "p_value_first": pv}
     extra.update(p_value=float(info["pvalues"][last]), n_tested=last - start + 1)
-    return True, (f"Learn-then-Test ({rc._PVALUE_NAMES[method]} p-value, fixed sequence over {g} common thresholds): with "
+    return True, (f"Learn-then-Test ({rc.PVALUE_NAMES[method]} p-value, fixed sequence over {g} common thresholds): with "
                   f"probability >= {1 - delta:g} over the calibration draw, the system selective risk of "
                   f"{scope} is <= {alpha:g}"), extra

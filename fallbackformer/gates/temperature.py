@@ -4,9 +4,9 @@
 with L-BFGS. ``T > 0`` divides every logit of a row by the same positive number, so the argmax
 (the prediction) never changes; only the confidence does.
 
-The metrics here (:func:`nll`, :func:`brier`, :func:`ece`) are dependency-free so that the gates
-stay importable with torch alone; the torchmetrics-based report lives in
-``fallbackformer.training.calibration``.
+The metrics here (:func:`nll`, :func:`brier`) are dependency-free so that the gates stay importable
+with torch alone. Calibration error is measured in one place, with torchmetrics:
+:func:`fallbackformer.evaluation.metrics.ece`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from torch import Tensor
 __all__ = [
     "apply_temperature",
     "brier",
-    "classwise_ece",
-    "ece",
     "fit_temperature",
     "nll",
 ]
@@ -121,75 +119,3 @@ def brier(logits: Tensor, labels: Tensor) -> float:
     p = torch.softmax(logits[finite].double(), dim=1)  # [M, C]
     onehot = torch.nn.functional.one_hot(labels[finite], p.shape[1]).double()
     return float(((p - onehot) ** 2).sum(dim=1).mean())
-
-
-def ece(
-    logits: Tensor,
-    labels: Tensor,
-    n_bins: int = 15,
-    binning: str = "width",
-    norm: str = "l1",
-) -> float:
-    """Top-label expected calibration error.
-
-    Args:
-        logits: ``[N, C]``.
-        labels: ``[N]``.
-        n_bins: number of bins.
-        binning: ``"width"`` (equal-width bins on ``[0, 1]``, as torchmetrics; a confidence
-            equal to a bin edge falls in the lower bin) or ``"mass"`` (equal-mass bins: the sorted
-            confidences split into ``n_bins`` consecutive groups of near-equal size).
-        norm: ``"l1"`` (sum of bin weight x |acc - conf|) or ``"max"`` (the worst bin).
-
-    Returns:
-        The ECE in ``[0, 1]`` over the rows with finite logits.
-    """
-    logits, labels = _validate(logits, labels)
-    finite = torch.isfinite(logits).all(dim=1)
-    if not finite.any():
-        return float("nan")
-    p = torch.softmax(logits[finite].double(), dim=1)
-    conf, pred = p.max(dim=1)  # [M]
-    correct = (pred == labels[finite]).double()  # [M]
-    m = conf.shape[0]
-    if binning == "width":
-        edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-        idx = torch.bucketize(conf, edges[1:-1], right=False)  # bin b holds (e_b, e_{b+1}]
-    elif binning == "mass":
-        order = conf.argsort()
-        idx = torch.empty(m, dtype=torch.long)
-        idx[order] = torch.arange(m) * n_bins // m
-    else:
-        raise ValueError(f"binning must be 'width' or 'mass', got {binning!r}.")
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones(m, dtype=torch.float64))
-    sum_conf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
-    sum_acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
-    nz = count > 0
-    gap = (sum_acc[nz] - sum_conf[nz]).abs() / count[nz]
-    if norm == "l1":
-        return float((gap * count[nz] / m).sum())
-    if norm == "max":
-        return float(gap.max())
-    raise ValueError(f"norm must be 'l1' or 'max', got {norm!r}.")
-
-
-def classwise_ece(logits: Tensor, labels: Tensor, n_bins: int = 15) -> float:
-    """Classwise ECE (Kull et al., 2019): the mean over classes ``c`` of the equal-width-binned
-    calibration error of ``p_c`` against ``1[y = c]`` (every class probability, not only the top one).
-
-    Bin ``b`` holds ``(b/n, (b+1)/n]`` (the first bin also holds 0), as :func:`ece`.
-    """
-    logits, labels = _validate(logits, labels)
-    finite = torch.isfinite(logits).all(dim=1)
-    if not finite.any():
-        return float("nan")
-    p = torch.softmax(logits[finite].double(), dim=1)  # [M, C]
-    m, c = p.shape
-    onehot = torch.nn.functional.one_hot(labels[finite], c).double()
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-    idx = torch.bucketize(p, edges[1:-1], right=False)  # [M, C]
-    flat = (idx + n_bins * torch.arange(c)).flatten()  # a bin per (class, bin)
-    sum_p = torch.zeros(c * n_bins, dtype=torch.float64).index_add_(0, flat, p.flatten())
-    sum_y = torch.zeros(c * n_bins, dtype=torch.float64).index_add_(0, flat, onehot.flatten())
-    per_class = ((sum_y - sum_p).abs() / m).reshape(c, n_bins).sum(dim=1)  # sum_b |B|/M |acc - conf|
-    return float(per_class.mean())

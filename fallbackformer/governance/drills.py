@@ -22,6 +22,7 @@ Faults that a policy must allow for a reason to exist (``on_invalid_input="defau
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import os
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from typing import Any
 
 import torch
 
+from fallbackformer.common.jsonsafe import dumps
+from fallbackformer.common.paths import is_primary_path
 from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.breaker import BreakerConfig
 from fallbackformer.runtime.clock import HANG, FakeClock, ScriptedDelay
@@ -205,6 +208,34 @@ def _router_preferred(ctx: DrillContext) -> tuple[FallbackOutput, dict[str, Any]
                                                "threshold 0: the student is judged more likely right"}
 
 
+class _Contrarian(torch.nn.Module):
+    """A rung that votes for the primary's least likely class: it agrees with no answer of the primary."""
+
+    def __init__(self, primary: torch.nn.Module) -> None:
+        super().__init__()
+        self.primary = primary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.primary(x)[-1]
+
+
+def _rung_disagreement(ctx: DrillContext) -> tuple[FallbackOutput, dict[str, Any]]:
+    from fallbackformer.gates.gate import ConfidenceGate
+    from fallbackformer.rungs.ladder import Rung
+
+    loaded, clock = ctx.model()
+    rung = Rung("contrarian", _Contrarian(loaded.primary), ConfidenceGate(threshold=math.inf))
+    model = loaded.rebuild(router=None, fallbacks=[rung], veto=["contrarian"], clock=clock, sinks=ctx.sinks)
+    model.model_hashes = loaded.model_hashes
+    ctx.cleanups.append(lambda: model.close(timeout_s=1.0))
+    for name in model.primary.exit_names[:-1]:  # the final head answers every sample ...
+        model.gates[name].threshold.fill_(math.inf)
+    model.gates[R.PRIMARY].threshold.fill_(-math.inf)
+    model.gates[R.STUDENT].threshold.fill_(math.inf)  # ... and the veto sends each to the default
+    return model(ctx.inputs(model)), {"fault": "a vetoing rung that votes for the primary's least likely class; "
+                                               "the final head accepts every sample, the student none"}
+
+
 @dataclass(frozen=True)
 class Drill:
     """A named fault and the reason it must produce."""
@@ -225,6 +256,7 @@ DRILLS: tuple[Drill, ...] = (
     Drill("invalid_input", R.INVALID_INPUT, _invalid_input),
     Drill("calibration_drift", R.CALIBRATION_DRIFT, _drift),
     Drill("router_preferred", R.ROUTER_PREFERRED, _router_preferred),
+    Drill("rung_disagreement", R.RUNG_DISAGREEMENT, _rung_disagreement),
 )
 
 
@@ -264,7 +296,7 @@ def _check(drill: Drill, out: FallbackOutput, budget_ms: float, logged: list[dic
     wrong = sorted({r for r in out.reason if r != drill.reason})
     if wrong:
         problems.append(f"reasons {wrong} where every sample should give {drill.reason!r}")
-    if any(s in (R.PRIMARY,) or s.startswith("exit_") for s in out.served_by):
+    if any(is_primary_path(s) for s in out.served_by):
         problems.append(f"served_by {sorted(set(out.served_by))}: the primary answered despite the fault")
     if not out.latency_ms <= budget_ms:
         problems.append(f"answered in {out.latency_ms:g} ms, over the budget {budget_ms:g} ms")
@@ -330,7 +362,7 @@ def write_report(report: DrillReport, out_dir: str | os.PathLike[str]) -> tuple[
 
     out_dir = Path(out_dir)
     jpath, hpath = out_dir / "drill.json", out_dir / "drill.html"
-    jpath.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+    jpath.write_text(dumps(report.to_dict(), indent=2, where="drill report") + "\n", encoding="utf-8")
     rows = "".join(
         f"<tr><td>{html.escape(r.name)}</td><td><code>{r.reason}</code></td>"
         f"<td style='color:{'green' if r.passed else 'red'}'>{'PASS' if r.passed else 'FAIL'}</td>"

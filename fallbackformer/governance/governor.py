@@ -20,8 +20,8 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fallbackformer.common.paths import is_fallback
 from fallbackformer.monitoring.monitors import (
-    FALLBACK_PATHS,
     ROUTING_INSTABILITY,
     MonitorConfig,
     MonitorSet,
@@ -108,7 +108,7 @@ class Governor:
                 if not isinstance(key, str) or "=" not in key:
                     self.slice_calls["bad"] += 1
                     return False
-                pairs.append((key, who in FALLBACK_PATHS))
+                pairs.append((key, is_fallback(who)))
         with self._lock:
             if self.monitors.slices is not None:
                 self.monitors.slices.add(pairs)

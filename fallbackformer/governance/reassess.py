@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from fallbackformer.common.jsonsafe import dumps
+from fallbackformer.common.timing import Stopwatch
 
 __all__ = ["ReassessSettings", "Reassessment", "reassess", "run_reassess_from_config"]
 
@@ -122,7 +124,7 @@ def reassess(current: Any, candidate: Any, sets: Mapping[str, tuple[Tensor, Tens
     if "clean" not in sets:
         raise ValueError(f"reassess needs a 'clean' set; got {sorted(sets)}. Pass the test split as sets['clean']")
     st = settings or ReassessSettings()
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     kw = dict(held_out=held_out, batch_size=st.batch_size, latency_samples=st.latency_samples, sweep=False,
               stage_reps=5, progress=False, num_threads=st.num_threads)
     if st.lift_budget:  # decisions that depend on the inputs only: the same bundle gets the same figures
@@ -161,7 +163,7 @@ def reassess(current: Any, candidate: Any, sets: Mapping[str, tuple[Tensor, Tens
               f"per-class {k} gap {100 * c:.1f} pt vs {100 * base:.1f} pt (> +{st.max_slice_gap_increase_pt} pt)")
     for f in (cur, cand):
         f.pop("summary")
-    return Reassessment("refuse" if reasons else "approve", reasons, cur, cand, checks, time.perf_counter() - t0)
+    return Reassessment("refuse" if reasons else "approve", reasons, cur, cand, checks, watch.elapsed())
 
 
 def run_reassess_from_config(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -197,7 +199,7 @@ def run_reassess_from_config(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     report = out_dir / "reassess.json"
     doc = {**result.to_dict(), "current_bundle": str(cfg.current), "candidate_bundle": str(cfg.candidate),
            "sets": list(sets), "settings": OmegaConf.to_container(cfg.reassess, resolve=True) if cfg.get("reassess") else None}
-    report.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    report.write_text(dumps(doc, indent=2, where="reassessment") + "\n", encoding="utf-8")
     print(result.line)
     return ({"verdict": result.verdict, "line": result.line, "reasons": result.reasons, "report": str(report)},
             {"reassessment": result})

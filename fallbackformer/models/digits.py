@@ -3,6 +3,8 @@
 Both read the raw image ``[B, 1, 8, 8]``. The primary reads a richer view: the image upsampled
 bilinearly to 16x16, so its convolutions see a finer grid and its early exits sit at several
 resolutions. The student reads the reduced, native input: the 8x8 image flattened to 64 features.
+The pooled student (a reduced-input fallback rung) reads less still: the image average-pooled to
+4x4, 16 features.
 """
 
 from __future__ import annotations
@@ -96,3 +98,34 @@ class MLPStudent(nn.Module):
 def digits_mlp_student(num_classes: int = 10, hidden: int = 256) -> MLPStudent:
     """The fallback student for digits: one hidden layer on the native 8x8 input."""
     return MLPStudent(64, hidden, num_classes)
+
+
+class PooledStudent(nn.Module):
+    """A reduced-input student: the image average-pooled ``pool`` x ``pool``, flattened, then a tiny MLP.
+
+    Args:
+        image_size: side of the raw square image (8 for digits).
+        pool: pooling window and stride; ``image_size`` must be a multiple of it.
+        hidden: hidden width, 0 for a linear model.
+        num_classes: number of classes.
+    """
+
+    def __init__(self, image_size: int = 8, pool: int = 2, hidden: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        if pool < 1 or image_size % pool:
+            raise ValueError(f"pool={pool} must be >= 1 and divide image_size={image_size}")
+        features = (image_size // pool) ** 2
+        self.input_transform = nn.Sequential(
+            ScaleShift(16.0, DIGITS_MEAN, DIGITS_STD), nn.AvgPool2d(pool), nn.Flatten()
+        )  # [B, 1, S, S] -> [B, (S/pool)^2]
+        self.net = (nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+                    if hidden else nn.Linear(features, num_classes))
+
+    def forward(self, x):  # [B, 1, 8, 8] -> [B, C]
+        return self.net(self.input_transform(x))
+
+
+@register_model("digits_pooled_student")
+def digits_pooled_student(num_classes: int = 10, pool: int = 2, hidden: int = 64) -> PooledStudent:
+    """A reduced-input fallback rung for digits: a tiny MLP on the 8x8 image average-pooled to 4x4."""
+    return PooledStudent(8, pool, hidden, num_classes)

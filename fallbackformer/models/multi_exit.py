@@ -7,6 +7,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from fallbackformer.common.paths import exit_names
+
 
 class MultiExitNet(nn.Module):
     """A primary model cut into stages, with an exit head after some of them.
@@ -58,7 +60,7 @@ class MultiExitNet(nn.Module):
     @property
     def exit_names(self) -> list[str]:
         """``["exit_1", ..., "exit_{E-1}", "primary"]``: the ``served_by`` name of each head."""
-        return [f"exit_{i + 1}" for i in range(self.num_exits - 1)] + ["primary"]
+        return exit_names(self.num_exits)
 
     def head(self, stage_index: int) -> nn.Module:
         """The head after stage ``stage_index``."""

@@ -74,4 +74,4 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 def _import_builtin_models() -> None:
     # The reference models register themselves on import.
-    from fallbackformer.models import digits, tabular  # noqa: F401
+    from fallbackformer.models import classical, digits, tabular  # noqa: F401

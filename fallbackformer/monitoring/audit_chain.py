@@ -30,11 +30,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from fallbackformer.common.jsonsafe import json_safe
 
 __all__ = [
     "GENESIS",
@@ -55,17 +56,6 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
-def _plain(value: Any) -> Any:
-    """JSON-able copy: non-finite floats as strings (as bundle manifests store them), tuples as lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def canonical_line(record: Mapping[str, Any]) -> str:
     """The canonical JSON of ``record`` without its ``hash`` field: what ``hash`` is taken over."""
     return _canonical({k: v for k, v in record.items() if k != "hash"})
@@ -84,7 +74,7 @@ def policy_digest(policy: Any) -> str:
     64
     """
     data = dataclasses.asdict(policy) if dataclasses.is_dataclass(policy) else dict(policy)
-    return hashlib.sha256(_canonical(_plain(data)).encode("ascii")).hexdigest()
+    return hashlib.sha256(_canonical(json_safe(data, "policy")).encode("ascii")).hexdigest()
 
 
 class AuditChain:

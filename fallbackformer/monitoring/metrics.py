@@ -48,9 +48,9 @@ def prometheus_text(stats: Mapping[str, Any], labels: Mapping[str, str] | None =
     family("calls_total", "counter", "Calls to FallbackModel.forward.", [({}, stats.get("calls", 0))])
     family("answers_total", "counter", "Answers (samples), by the path that served them.",
            [({"served_by": k}, v) for k, v in sorted(stats.get("served_by", {}).items())])
-    family("fallbacks_total", "counter", "Answers not served by the primary or an exit, by reason.",
+    family("fallbacks_total", "counter", "Fallbacks by reason: answers served by neither the primary nor its exits.",
            [({"reason": k}, v) for k, v in sorted(stats.get("reasons", {}).items())])
-    family("fallback_rate", "gauge", "Share of answers served by the student or the safe default since start.",
+    family("fallback_rate", "gauge", "Share of answers served by neither the primary nor its exits, since start.",
            [({}, stats.get("fallback_rate", 0.0))])
     if "sink_errors" in stats:
         family("sink_errors_total", "counter", "Events that a sink failed to take.", [({}, stats["sink_errors"])])

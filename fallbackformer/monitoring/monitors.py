@@ -31,6 +31,9 @@ from typing import Any
 
 from scipy import stats as _st
 
+from fallbackformer.common.paths import is_fallback
+from fallbackformer.runtime.latency import nearest_rank
+
 __all__ = [
     "MonitorConfig", "RoutingMixMonitor", "LatencyDriftMonitor", "FallbackCreepMonitor",
     "SliceDisparityMonitor", "ROUTING_INSTABILITY", "LATENCY_DRIFT", "FALLBACK_CREEP", "SLICE_DISPARITY",
@@ -42,7 +45,6 @@ LATENCY_DRIFT = "latency_drift"
 FALLBACK_CREEP = "fallback_creep"
 SLICE_DISPARITY = "slice_disparity"
 MONITOR_SIGNALS = (ROUTING_INSTABILITY, LATENCY_DRIFT, FALLBACK_CREEP, SLICE_DISPARITY)
-FALLBACK_PATHS = ("student", "default")
 INSTABILITY_ACTIONS = ("signal", "rollback")
 
 
@@ -219,8 +221,8 @@ class LatencyDriftMonitor(_Monitor):
                 continue
             k = sum(ms > self.config.latency_ratio * ref for ms, ref in window)
             p = float(_st.binom.sf(k - 1, n, 0.01))  # P(K >= k) when at most 1% exceed (the p99)
-            ordered = sorted(ms for ms, _ in window)
-            per_stage[stage] = {"p99_ms": ordered[min(n - 1, math.ceil(0.99 * n) - 1)], "exceed": k / n, "p_value": p}
+            p99 = nearest_rank(sorted(ms for ms, _ in window), 0.99)
+            per_stage[stage] = {"p99_ms": p99, "exceed": k / n, "p_value": p}
             alarm |= p < level
         self.last = {"stages": per_stage}
         return self._verdict(alarm)
@@ -239,7 +241,7 @@ class FallbackCreepMonitor(_Monitor):
         self.recent: deque[bool] = deque(maxlen=config.window)
 
     def observe(self, served_by: Sequence[str]) -> bool:
-        self.recent.extend(who in FALLBACK_PATHS for who in served_by)
+        self.recent.extend(is_fallback(who) for who in served_by)
         if not self._tick(len(served_by)) or len(self.recent) < self.config.window // 2:
             return False
         n, k = len(self.recent), sum(self.recent)
@@ -328,7 +330,7 @@ class MonitorSet:
         if self.creep is not None and self.creep.observe(served_by):
             fired.append(FALLBACK_CREEP)
         if self.slices is not None:
-            pairs = [(f"class={p}", who in FALLBACK_PATHS) for who, p in zip(served_by, predictions) if p >= 0]
+            pairs = [(f"class={p}", is_fallback(who)) for who, p in zip(served_by, predictions) if p >= 0]
             if self.slices.observe(pairs, n):
                 fired.append(SLICE_DISPARITY)
         self.counts.update(fired)

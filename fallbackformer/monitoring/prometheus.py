@@ -72,9 +72,9 @@ class FallbackCollector(Collector):
         yield counter("calls", "Calls to FallbackModel.forward.", [({}, stats.get("calls", 0))])
         yield counter("answers", "Answers (samples), by the path that served them.",
                       [({"served_by": k}, v) for k, v in sorted(stats.get("served_by", {}).items())], ["served_by"])
-        yield counter("fallbacks", "Answers not served by the primary or an exit, by reason.",
+        yield counter("fallbacks", "Fallbacks by reason: answers served by neither the primary nor its exits.",
                       [({"reason": k}, v) for k, v in sorted(stats.get("reasons", {}).items())], ["reason"])
-        yield gauge("fallback_rate", "Share of answers served by the student or the safe default since start.",
+        yield gauge("fallback_rate", "Share of answers served by neither the primary nor its exits, since start.",
                     [({}, stats.get("fallback_rate", 0.0))])
         yield counter("signals", "Runtime signals raised (calibration_drift, ...), by signal.",
                       [({"signal": k}, v) for k, v in sorted(stats.get("signals", {}).items())], ["signal"])

@@ -2,7 +2,8 @@
 
 "Fallbacks should be rare and intentional": a rate that rises silently masks a deeper problem. The
 monitor is an event sink; it keeps the served_by of the last ``window`` answers and raises an alert
-when the share served by the student or the safe default exceeds ``max_rate`` (the bundle's
+when the share of fallbacks (:func:`~fallbackformer.common.paths.is_fallback`: answers not served by
+the primary's own path) exceeds ``max_rate`` (the bundle's
 acceptable degradation). An alert can pull the rollback switch, if the owner asked for that.
 """
 
@@ -13,9 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from fallbackformer.common.paths import PRIMARY, is_fallback
 from fallbackformer.runtime.events import FallbackEvent
-
-FALLBACK_PATHS = ("student", "default")
 
 
 @dataclass
@@ -67,9 +67,9 @@ class FallbackRateMonitor:
             for who in served_by:
                 if len(self._recent) == self._recent.maxlen and self._recent[0]:
                     self._fallbacks -= 1
-                is_fallback = who in FALLBACK_PATHS
-                self._recent.append(is_fallback)
-                self._fallbacks += is_fallback
+                fallback = is_fallback(who)
+                self._recent.append(fallback)
+                self._fallbacks += fallback
             n = len(self._recent)
             rate = self._fallbacks / n if n else 0.0
             over = n >= self.min_answers and rate > self.max_rate
@@ -83,9 +83,9 @@ class FallbackRateMonitor:
         return alert
 
     def emit(self, event: FallbackEvent) -> None:
-        """Sink interface: an event is one answer not served by the primary."""
+        """Sink interface: an event is one fallback (an answer not served by the primary's own path)."""
         self.observe([event.served_by])
 
-    def observe_answers(self, count: int, served_by: str = "primary") -> None:
-        """Count ``count`` answers that produced no event (served by the primary)."""
+    def observe_answers(self, count: int, served_by: str = PRIMARY) -> None:
+        """Count ``count`` answers that produced no event (served by the primary's own path)."""
         self.observe([served_by] * count)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import queue
 import threading
@@ -31,23 +30,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from fallbackformer.common.jsonsafe import json_safe
 from fallbackformer.monitoring.audit_chain import ChainedLogFile
 from fallbackformer.runtime.events import EventSink, FallbackEvent, ListSink
 
 __all__ = ["CallbackSink", "EventSink", "JsonlFileSink", "ListSink", "read_jsonl"]
 
 _STOP = object()
-
-
-def _json_safe(value: Any) -> Any:
-    """Strict JSON: non-finite floats become ``None`` (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _open_append(path: Path) -> IO[bytes]:
@@ -190,7 +179,7 @@ class JsonlFileSink:
     def _write_lines(self, records: list[dict[str, Any]]) -> None:
         """Write and flush ``records``; on failure count them lost (the file is cut back to whole lines)."""
         try:
-            self._file.write_records([_json_safe(r) for r in records], fsync=self.fsync)
+            self._file.write_records([json_safe(r, "event") for r in records], fsync=self.fsync)
         except Exception as exc:  # a full disk must not kill the writer; count it
             self.errors += 1
             self.write_errors += len(records)
@@ -265,7 +254,7 @@ def _shutdown(q: queue.Queue[Any], file: Any) -> None:
         while True:
             item = q.get_nowait()
             if item is not _STOP:
-                file.write_records([_json_safe(item)])
+                file.write_records([json_safe(item, "record")])
     except queue.Empty:
         pass
     except Exception:  # at exit there is nobody to tell

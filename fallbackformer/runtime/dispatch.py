@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fallbackformer.common.paths import is_fallback
 from fallbackformer.runtime.events import EventSink, FallbackEvent
 from fallbackformer.runtime.output import FallbackOutput
 
@@ -54,11 +55,12 @@ def _shutdown_all() -> None:
 
 
 def build_events(payload: tuple[Any, ...], model_hashes: dict[str, str]) -> list[FallbackEvent]:
-    """The events of one call from its payload (see :meth:`FallbackModel._record`)."""
+    """The events of one call from its payload (see :meth:`FallbackModel._record`): one per fallback
+    (:func:`~fallbackformer.common.paths.is_fallback`); the primary's exits and its final head give none."""
     request_id, now, served_by, reason, confidence, budget_ms, elapsed_ms, stage_ms, detail, governance = payload
     events = []
     for i, (who, why) in enumerate(zip(served_by, reason)):
-        if who == "primary":
+        if not is_fallback(who):
             continue
         c = confidence[i]
         events.append(FallbackEvent(
@@ -163,7 +165,11 @@ def join_outputs(parts: list[FallbackOutput]) -> FallbackOutput:
     width = max(p.logits.shape[1] for p in parts)
     logits = [p.logits if p.logits.shape[1] == width else torch.full((len(p), width), float("nan"), device=p.logits.device)
               for p in parts]
+    typed = any(p._prediction_set is not None for p in parts)
+    sets = torch.cat([p.prediction_set for p in parts]) if typed and all(
+        p.logits.shape[1] == width for p in parts) else None
     return FallbackOutput(
+        _prediction_set=sets,
         prediction=torch.cat([p.prediction for p in parts]),
         served_by=[w for p in parts for w in p.served_by],
         reason=[r for p in parts for r in p.reason],

@@ -1,4 +1,8 @@
-"""FallbackEvent: the audit record of one answer not served by the primary, and the sink protocol."""
+"""FallbackEvent: the audit record of one fallback, and the sink protocol.
+
+A fallback is an answer not served by the primary's own path (its early exits and final head are that
+path): :func:`fallbackformer.common.paths.is_fallback`. Exits and the primary emit no event.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,13 @@ from typing import Any, Protocol
 
 @dataclass
 class FallbackEvent:
-    """One answer not served by the primary.
+    """One fallback: an answer served by the student or the safe default (not the primary's own path).
 
     Attributes:
         request_id: the call's id; ``sample`` is the index in that call's batch.
         time_unix: wall-clock time of the call (seconds since the epoch).
         served_by: who answered.
-        reason: why the primary did not ("" for an early exit that its gate accepted).
+        reason: why the primary's path did not answer (one of ``fallbackformer.REASONS``).
         budget_ms: the policy's budget.
         elapsed_ms: time from the call's start to its answer.
         stage_ms: measured time of each primary stage that ran.

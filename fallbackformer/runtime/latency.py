@@ -51,8 +51,11 @@ def batch_bucket(batch_size: int) -> int:
     return 1 << (int(batch_size) - 1).bit_length()
 
 
-def nearest_rank(sorted_values: list[float], q: float) -> float:
+def nearest_rank(sorted_values: Sequence[float], q: float) -> float:
     """The ``q``-quantile of sorted values by nearest rank, rounding the rank up (conservative).
+
+    The project's one quantile: latency profiles, monitors, the evaluation's latency percentiles and
+    the benchmarks all read quantiles through it (the profile's hot path inlines the same formula).
 
     >>> nearest_rank([1.0, 2.0, 3.0, 4.0], 0.5), nearest_rank([1.0, 2.0, 3.0, 4.0], 0.99)
     (2.0, 4.0)
@@ -95,7 +98,7 @@ class _Bucket:
         self.total += 1
         n = len(ordered)
         if n >= min_samples:
-            self.p99_now = ordered[max(1, math.ceil(0.99 * n)) - 1]
+            self.p99_now = ordered[max(1, math.ceil(0.99 * n)) - 1]  # nearest_rank(ordered, 0.99), inlined
         return may_rise
 
     def recent(self) -> list[float]:
@@ -291,7 +294,7 @@ class LatencyProfile:
                 bucket = buckets.get(s, _NO_BUCKETS).get(b)
                 if bucket is not None and len(bucket.ordered) >= min_samples:
                     ordered = bucket.ordered
-                    out.append(ordered[max(1, math.ceil(q * len(ordered))) - 1])
+                    out.append(ordered[max(1, math.ceil(q * len(ordered))) - 1])  # nearest_rank, inlined
                 else:
                     out.append(self._predict_locked(s, b, default, q))
         return out
@@ -317,7 +320,7 @@ class LatencyProfile:
         if bucket is not None:
             ordered = bucket.ordered
             if len(ordered) >= self.min_samples:  # the common case, inlined
-                return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+                return ordered[max(1, math.ceil(q * len(ordered))) - 1]  # nearest_rank, inlined
             own = self._own(bucket, q)
             if own is not None:
                 return own
@@ -342,6 +345,14 @@ class LatencyProfile:
                 return sum(bk.total for bk in stage_buckets.values())
             bucket = stage_buckets.get(batch_bucket(batch_size))
             return 0 if bucket is None else bucket.total
+
+    def recent(self, stage: str, batch_size: int) -> list[float]:
+        """The live samples (ms) of ``stage`` in the bucket of ``batch_size``, oldest first (at most
+        ``window``; empty without data there)."""
+        with self._lock:
+            self._drain_locked()
+            bucket = self._buckets.get(stage, {}).get(batch_bucket(batch_size))
+            return [] if bucket is None else bucket.recent()
 
     def stages(self) -> list[str]:
         """Stages with data, sorted."""

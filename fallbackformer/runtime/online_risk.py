@@ -159,14 +159,15 @@ class OnlineRiskController:
         """The controller on ``model``'s thresholds in force: its router's, else each live gate's."""
         router = getattr(model, "router", None)
         if router is not None:
-            return cls({"router": router.threshold}, {"router": (router.guarantee or {}).get("alpha")}, config, True)
+            alpha = router.guarantee.alpha if router.guarantee is not None else None
+            return cls({"router": router.threshold}, {"router": alpha}, config, True)
         thresholds, alphas = {}, {}
         for name in model.path_names:
             gate = model.gates[name]
             if math.isinf(float(gate.threshold)):
                 continue  # a gate that accepts nothing never answers: nothing to control
             thresholds[name] = gate.threshold
-            alphas[name] = (gate.guarantee or {}).get("alpha")
+            alphas[name] = gate.guarantee.alpha if gate.guarantee is not None else None
         return cls(thresholds, alphas, config, False)
 
     # ------------------------------------------------------------------ serving side

@@ -29,9 +29,12 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Policy:
     """What the runtime promises and how it degrades.
+
+    Frozen: derive a changed policy with ``dataclasses.replace(policy, budget_ms=...)`` and assign it
+    (``model.policy = ...``); the model applies it then (breaker, rollback, worker pools, compile).
 
     Attributes:
         budget_ms: the latency budget of one call.
@@ -183,7 +186,7 @@ class Policy:
                 also = f", {CORES!r} (one per core)" if name == "max_concurrency" else ""
                 raise ValueError(f"Policy.{name} must be an int >= 1{also}, or None for no limit; got {v!r}")
         if isinstance(self.breaker, Mapping):  # from a manifest or a Hydra config
-            self.breaker = BreakerConfig.from_dict(dict(self.breaker))
+            object.__setattr__(self, "breaker", BreakerConfig.from_dict(dict(self.breaker)))
         if self.breaker is not None and not isinstance(self.breaker, BreakerConfig):
             raise ValueError(
                 f"Policy.breaker must be a BreakerConfig, its dict, or None; got {type(self.breaker).__name__}"

@@ -30,7 +30,7 @@ class RequestState:
     __slots__ = (
         "b", "start_ns", "deadline_ns", "served_by", "n_served", "reason", "parts", "timings", "detail",
         "outcome", "num_classes", "probe", "primary_ms", "shared", "frozen", "student_done", "drift_scores", "lock",
-        "seq", "live", "student_logits", "router_rejected", "student_late",
+        "seq", "live", "student_logits", "router_rejected", "student_late", "vetoed", "fallback_logits",
     )
 
     def __init__(
@@ -60,6 +60,8 @@ class RequestState:
         self.student_logits: torch.Tensor | None = None  # [B, C], computed first when a router decides
         self.router_rejected: torch.Tensor | None = None  # rows the router sent to the default after the final head
         self.student_late = False  # the student did not answer by the deadline: the default serves
+        self.vetoed = False  # the agreement veto took answers back (their rows are re-filled in output())
+        self.fallback_logits: torch.Tensor | None = None  # [B, C] the first rung's logits (a typed default reads them)
 
     # -- writes (the worker's are ignored once frozen) ----------------------------------------
     def freeze(self) -> None:
@@ -137,6 +139,11 @@ class RequestState:
         b: int,
     ) -> None:
         """Serve the student's accepted rows (the caller's own write: never blocked by the freeze)."""
+        self.serve_rung(R.STUDENT, idx, logits, accept, conf, prediction)
+
+    def serve_rung(self, name: str, idx: torch.Tensor, logits: torch.Tensor, accept: torch.Tensor,
+                   conf: torch.Tensor, prediction: torch.Tensor) -> None:
+        """Serve a fallback rung's accepted rows by ``name`` (the caller's own write)."""
         rows = torch.nonzero(accept).flatten()
         if rows.numel() == 0:
             return
@@ -144,8 +151,36 @@ class RequestState:
         with self.lock:
             self.parts.append((chosen, logits[rows], conf[rows], prediction[rows]))
             for i in chosen.tolist():
-                self.served_by[i] = R.STUDENT
+                self.served_by[i] = name
             self.n_served += int(chosen.numel())
+
+    def keep_fallback_logits(self, idx: torch.Tensor, logits: torch.Tensor) -> None:
+        """Remember a fallback rung's logits for rows ``idx`` (the first rung's stay)."""
+        with self.lock:
+            if self.fallback_logits is None:
+                self.fallback_logits = torch.full((self.b, logits.shape[1]), float("nan"), device=logits.device)
+            kept = self.fallback_logits
+            fresh = ~torch.isfinite(kept[idx]).all(dim=1)
+            kept[idx[fresh]] = logits[fresh].float()
+
+    def unserve(self, idx: torch.Tensor, reason: str) -> None:
+        """Take back the answers of rows ``idx`` (the veto refused them) and give them ``reason``; the
+        caller's own write, after the primary's walk has returned."""
+        if idx.numel() == 0:
+            return
+        with self.lock:
+            for i in idx.tolist():
+                if self.served_by[i] is not None:
+                    self.served_by[i] = None
+                    self.n_served -= 1
+                self.reason[i] = reason
+            self.vetoed = True
+
+    def served_rows(self, names: frozenset[str] | set[str]) -> torch.Tensor:
+        """Original indices of the rows served by one of ``names``."""
+        with self.lock:
+            rows = [i for i, s in enumerate(self.served_by) if s in names]
+        return torch.tensor(rows, dtype=torch.long)
 
     # -- reads ---------------------------------------------------------------------------------
     def unserved(self, valid: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -184,7 +219,7 @@ class RequestState:
                 lg.record_stream(current)
                 cf.record_stream(current)
                 pd.record_stream(current)
-        if len(parts) == 1 and parts[0][0] is None:  # one path served the whole batch
+        if len(parts) == 1 and parts[0][0] is None and not self.vetoed:  # one path served the whole batch
             _, logits, conf, prediction = parts[0]
             logits = logits if logits.dtype == torch.float32 else logits.float()
             confidence = conf if conf.dtype == torch.float32 else conf.float()
@@ -198,6 +233,12 @@ class RequestState:
                 logits[target] = lg.float()
                 prediction[target] = pd
                 confidence[target] = cf.float()
+            if self.vetoed:  # answers the veto took back and nobody served again: the default's
+                back = [i for i, s in enumerate(self.served_by) if s is None]
+                if back:
+                    prediction[back] = default_prediction
+                    confidence[back] = float("nan")
+                    logits[back] = float("nan")
         return FallbackOutput(
             prediction=prediction,
             served_by=served_by,

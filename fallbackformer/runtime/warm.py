@@ -8,15 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fallbackformer.runtime.units import timed_pass
 from fallbackformer.runtime.validation import InputSpec
 
 if TYPE_CHECKING:
-    from fallbackformer.runtime.fallback_model import FallbackModel
+    from fallbackformer.runtime.runtime import Runtime
 
 __all__ = ["freeze_heap", "spec_example", "warm_start"]
 
 
-def warm_start(model: FallbackModel, max_s: float = 0.25) -> dict[str, Any]:
+def warm_start(rt: Runtime, max_s: float = 0.25) -> dict[str, Any]:
     """Make the first call keep the budget: start the workers and run the model on a spec example.
 
     Starts the primary's and the student's hedging workers (``hedge="always"``) and, with an input
@@ -32,8 +33,8 @@ def warm_start(model: FallbackModel, max_s: float = 0.25) -> dict[str, Any]:
         ``{"passes": n, "seconds": s, "workers": started, "skipped": why or ""}``.
     """
     t_end = time.monotonic() + max_s
-    policy = model._sync()
-    spec = model.input_spec
+    policy = rt.policy
+    spec = rt.input_spec
     skipped = "" if spec is not None else "no input_spec"
     if not skipped and policy.compile != "off":
         skipped = f"compile={policy.compile!r} (warm_start never compiles: call warm_up(x))"
@@ -42,13 +43,13 @@ def warm_start(model: FallbackModel, max_s: float = 0.25) -> dict[str, Any]:
     with torch.inference_mode():
         if policy.hedge == "always":
             device = x.device if x is not None else torch.device("cpu")
-            work = (lambda: None) if x is None else (lambda: model._timed_segments(x, record=False))
+            work = (lambda: None) if x is None else (lambda: timed_pass(rt.steps, x, rt.clock, None))
             for role in ("primary", "student"):
-                ticket = model._get_hedger(policy, device, role).submit(work)
+                ticket = rt.hedger(policy, device, role).submit(work)
                 if ticket is not None:  # (real time: the worker's first pass, bounded)
                     started += ticket.done.wait(max(0.0, t_end - time.monotonic()))
         while x is not None and (passes == 0 or time.monotonic() < t_end):
-            model._timed_segments(x, record=False)
+            timed_pass(rt.steps, x, rt.clock, None)
             passes += 1
     spent = max_s - (t_end - time.monotonic())
     return {"passes": passes, "seconds": spent, "workers": started, "skipped": skipped}

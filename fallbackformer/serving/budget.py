@@ -1,14 +1,10 @@
 """Per-request budgets for concurrent callers of one :class:`~fallbackformer.FallbackModel`.
 
-``FallbackModel.forward`` reads ``model.policy`` once, at the start of the call, and hands that
-``Policy`` object down to admission, hedging and the events (``Policy`` is a plain dataclass, and
-``model.policy = ...`` is how ``set_rollback`` changes it). Assigning a per-request policy to
-``model.policy`` from several server threads would race: one request's budget would leak into
-another's call. :class:`RequestBudgets` instead makes ``model.policy`` *thread-local* for the calls
-that ask for it: the model's class is swapped once for a subclass whose ``policy`` attribute is a
-descriptor that returns the calling thread's override, or the shared base policy when the thread
-set none. No lock is taken on the request path; every other reader (``stats()``, ``set_rollback``
-from another thread) sees the base policy.
+The runtime reads the policy once, at the start of a call, and hands it down to admission, hedging
+and the events. Assigning a per-request policy to ``model.policy`` from several server threads would
+race: one request's budget would leak into another's call. :class:`RequestBudgets` instead gives a
+call its own policy on its own thread (``FallbackModel.policy_override``): no lock on the request
+path; every other reader (``stats()``, ``set_rollback`` from another thread) sees the shared policy.
 
 >>> budgets = RequestBudgets(model)              # doctest: +SKIP
 >>> with budgets.apply(5.0):                     # doctest: +SKIP
@@ -20,67 +16,32 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 from fallbackformer.runtime.fallback_model import FallbackModel
 from fallbackformer.runtime.policy import Policy
 
-_BASE = "_served_base_policy"
-_LOCAL = "_served_policy_local"
 _CACHE_SIZE = 256
-
-
-class _ThreadLocalPolicy:
-    """Data descriptor for ``policy``: the calling thread's override, else the shared base policy."""
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        override = getattr(obj.__dict__[_LOCAL], "policy", None)
-        return override if override is not None else obj.__dict__[_BASE]
-
-    def __set__(self, obj: Any, value: Policy) -> None:
-        obj.__dict__[_BASE] = value
-
-
-_CLASSES: dict[type, type] = {}
-_CLASSES_LOCK = threading.Lock()
-
-
-def _served_class(cls: type) -> type:
-    with _CLASSES_LOCK:
-        sub = _CLASSES.get(cls)
-        if sub is None:
-            sub = _CLASSES[cls] = type(f"Served{cls.__name__}", (cls,), {"policy": _ThreadLocalPolicy()})
-        return sub
 
 
 class RequestBudgets:
     """Give each call its own budget, capped by the model's policy budget, without races.
 
     Args:
-        model: the model to serve; its class is swapped (once, in place) for a subclass whose
-            ``policy`` is thread-local as described in the module docstring. Behaviour is unchanged
-            for calls made outside :meth:`apply`.
+        model: the model to serve. Behaviour is unchanged for calls made outside :meth:`apply`.
     """
 
     def __init__(self, model: FallbackModel) -> None:
         if not isinstance(model, FallbackModel):
             raise TypeError(f"RequestBudgets needs a fallbackformer.FallbackModel; got {type(model).__name__}")
-        if not isinstance(type(model).__dict__.get("policy"), _ThreadLocalPolicy):
-            base = model.__dict__.pop("policy")
-            model.__dict__[_LOCAL] = threading.local()
-            model.__class__ = _served_class(type(model))
-            model.policy = base
         self.model = model
         self._cache: dict[Any, Policy] = {}
 
     @property
     def base(self) -> Policy:
         """The shared policy (what calls without an override use)."""
-        return self.model.__dict__[_BASE]
+        return self.model.runtime.base_policy
 
     def effective_ms(self, budget_ms: float | None) -> float:
         """The budget a call gets: ``min(budget_ms, policy.budget_ms)``; the policy's when ``None``.
@@ -118,10 +79,5 @@ class RequestBudgets:
             The policy in force (its ``budget_ms`` is the effective budget).
         """
         policy = self.policy_for(budget_ms)
-        local = self.model.__dict__[_LOCAL]
-        previous = getattr(local, "policy", None)
-        local.policy = None if policy is self.base else policy
-        try:
+        with self.model.policy_override(None if policy is self.base else policy):
             yield policy
-        finally:
-            local.policy = previous

@@ -6,7 +6,7 @@ load Lightning.
 
 >>> student = ff.distill(primary, student, train_loader, val_loader, max_epochs=20)   # doctest: +SKIP
 >>> gates = ff.calibrate(primary, student, calib_loader, alpha=0.05, delta=0.1)        # doctest: +SKIP
->>> gates.guarantees["primary"]["statement"]                                         # doctest: +SKIP
+>>> gates.guarantees["primary"].statement                                            # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fallbackformer.common.paths import path_names
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.models.transforms import fit_input_transforms
@@ -118,8 +119,9 @@ class CalibratedGates(list):
 
     Attributes:
         names: the path name of each gate.
-        guarantees: ``{name: guarantee}``: alpha, delta, method, threshold, calibration size,
-            coverage, and whether it could be certified (``satisfied``) and why.
+        guarantees: ``{name: Guarantee}``: alpha, delta, method, threshold, calibration size ``n``,
+            ``coverage``, the distribution it ``covers`` and its ``statement``, and whether it could
+            be certified (``satisfied``) and why (``reason``).
         report: the full calibration report (metrics before and after temperature scaling).
     """
 
@@ -172,4 +174,4 @@ def calibrate(
     cfg = {"mode": mode, "alpha": dict(alpha) if isinstance(alpha, Mapping) else float(alpha), "delta": float(delta),
            "method": method, "score": score}
     gates, report = calibrate_gates(logits[:-1], logits[-1], y, cfg)
-    return CalibratedGates(gates, primary.exit_names + ["student"], report)
+    return CalibratedGates(gates, path_names(primary.num_exits), report)

@@ -13,6 +13,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fallbackformer.common.jsonsafe import dumps
 from fallbackformer.models.registry import create_model
 
 
@@ -28,7 +29,7 @@ def save_model(model: nn.Module, directory: str | Path, name: str) -> Path:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / f"{name}.safetensors"))
     spec = {"registry_name": model.registry_name, "registry_kwargs": model.registry_kwargs}
-    (directory / f"{name}.json").write_text(json.dumps(spec, indent=2))
+    (directory / f"{name}.json").write_text(dumps(spec, indent=2, where=f"{name} registry entry"))
     return directory / f"{name}.safetensors"
 
 

@@ -31,9 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fallbackformer.gates.gate import ConfidenceGate, _json_safe
+from fallbackformer.common.jsonsafe import dumps, json_safe
+from fallbackformer.common.paths import path_names
+from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.gates.system import calibrate_system
-from fallbackformer.gates.temperature import brier, classwise_ece, ece, nll
+from fallbackformer.gates.temperature import brier, nll
 
 __all__ = ["calibrate_gates", "calibration_metrics", "write_calibration_report"]
 
@@ -50,20 +52,21 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def calibration_metrics(logits: Tensor, labels: Tensor, temperature: float = 1.0, n_bins: int = 15) -> dict[str, float]:
-    """ECE (torchmetrics, ``n_bins`` equal-width bins, L1), equal-mass and classwise ECE, NLL, Brier
-    and accuracy of ``softmax(logits / temperature)`` over the rows with finite logits."""
-    from torchmetrics.functional.classification import multiclass_calibration_error
+    """ECE (``n_bins`` equal-width bins, L1), equal-mass and classwise ECE (all three from
+    :mod:`fallbackformer.evaluation.metrics`), NLL, Brier and accuracy of ``softmax(logits / temperature)``
+    over the rows with finite logits."""
+    from fallbackformer.evaluation import metrics as M
 
     finite = torch.isfinite(logits).all(dim=1)
     z = logits[finite].detach().double() / float(temperature)
     y = labels[finite].long()
     if z.shape[0] == 0:
         return {k: math.nan for k in ("ece", "ece_equal_mass", "classwise_ece", "nll", "brier", "accuracy")}
-    probs = torch.softmax(z, dim=1)
+    conf, pred = torch.softmax(z, dim=1).max(dim=1)  # [M]
     return {
-        "ece": float(multiclass_calibration_error(probs, y, num_classes=z.shape[1], n_bins=n_bins, norm="l1")),
-        "ece_equal_mass": ece(z, y, n_bins=n_bins, binning="mass"),
-        "classwise_ece": classwise_ece(z, y, n_bins=n_bins),
+        "ece": M.ece_from_logits(z, y, n_bins=n_bins),
+        "ece_equal_mass": M.ece(conf, pred == y, n_bins=n_bins, binning="mass"),
+        "classwise_ece": M.classwise_ece(z, y, n_bins=n_bins),
         "nll": nll(z, y),
         "brier": brier(z, y),
         "accuracy": float((z.argmax(1) == y).double().mean()),
@@ -104,7 +107,7 @@ def calibrate_gates(
     all_logits = [z.detach() for z in exit_logits] + [student_logits.detach()]
     m = len(all_logits)
     if names is None:
-        names = [f"exit_{i + 1}" for i in range(m - 2)] + ["primary", "student"]
+        names = path_names(m - 1)  # the primary's m - 1 heads, then the student
     labels = labels.detach().long()
     if mode == "system":
         if not isinstance(alpha_cfg, (int, float)):
@@ -153,7 +156,7 @@ def calibrate_gates(
             "temperature": float(gate.temperature),
             "threshold": float(gate.threshold),
             "alpha": alphas[i],
-            "guarantee": gate.guarantee,
+            "guarantee": gate.guarantee.to_dict() if gate.guarantee is not None else None,
             "before": calibration_metrics(z, labels, 1.0),
             "after": calibration_metrics(z, labels, float(gate.temperature)),
             "standalone_coverage_cal": float(own.double().mean()),
@@ -167,7 +170,7 @@ def calibrate_gates(
         "selective_risk_cal": float(wrong_served.sum() / served.sum()) if served.any() else None,
         "default_share_cal": float((~served).double().mean()),
     }
-    return gates, _json_safe(report)
+    return gates, json_safe(report, "calibration report")
 
 
 def write_calibration_report(
@@ -215,15 +218,14 @@ def write_calibration_report(
         plots.reliability_diagram(conf, correct, title=f"{name}, calibration split, T={float(gate.temperature):.3g}",
                                   path=fig_path)
         paths[f"reliability_{name}"] = fig_path
-        g = gate.guarantee or {}
         op = None
         if acc.any():
             op = (float(acc.double().mean()), float((~correct & acc).sum() / acc.sum()))
         rc_path = out / f"risk_coverage_{name}.png"
         plots.risk_coverage_curve(score, correct, title=f"{name}, calibration split ({gate.score})",
-                                  alpha=g.get("alpha"), operating_point=op, path=rc_path)
+                                  alpha=gate.guarantee.alpha if gate.guarantee is not None else None, operating_point=op, path=rc_path)
         paths[f"risk_coverage_{name}"] = rc_path
     json_path = out / "calibration.json"
-    json_path.write_text(json.dumps(_json_safe(dict(report)), indent=2, allow_nan=False))
+    json_path.write_text(dumps(dict(report), indent=2, where="calibration report"))
     paths["calibration.json"] = json_path
     return paths

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 
 # Loggers that Lightning may give their own console handler (the unified package and the standalone ones).
-_LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 # Where Lightning's rank_zero_info (and so its tips) log from.
-_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                       "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero")
 
 
@@ -43,7 +43,7 @@ def setup_console_logging() -> None:
     tip filter sits on the loggers the tips come from and on every handler involved.
     """
     root = logging.getLogger()
-    for name in _LIGHTNING_LOGGERS:
+    for name in LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
         if root.handlers:
             for handler in list(logger.handlers):
@@ -52,7 +52,7 @@ def setup_console_logging() -> None:
             logger.propagate = True
         for handler in logger.handlers:
             _add_filter(handler)
-    for name in _RANK_ZERO_LOGGERS:
+    for name in RANK_ZERO_LOGGERS:
         _add_filter(logging.getLogger(name))
     for handler in root.handlers:
         _add_filter(handler)

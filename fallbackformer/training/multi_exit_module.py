@@ -62,7 +62,8 @@ class MultiExitModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.model(x)
 
-    def _loss(self, all_logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    def exit_loss(self, all_logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """The ``exit_weights``-weighted sum of every exit's cross-entropy (label smoothing applied)."""
         losses = torch.stack([F.cross_entropy(lg, y, label_smoothing=self.label_smoothing) for lg in all_logits])
         return (losses * self.exit_weights).sum()
 
@@ -74,11 +75,11 @@ class MultiExitModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch  # x: [B, 1, 8, 8], y: [B]
         if self.augment is None:
-            loss = self._loss(self.model(x), y)
+            loss = self.exit_loss(self.model(x), y)
         else:
             views = torch.cat([x, *self.augment.views(x, 2)])  # [3B, 1, 8, 8]: clean, aug1, aug2
             all_logits = self.model(views)  # per exit [3B, C]
-            ce = self._loss([lg[: x.shape[0]] for lg in all_logits], y)
+            ce = self.exit_loss([lg[: x.shape[0]] for lg in all_logits], y)
             jsd = self._jsd(all_logits)
             loss = ce + self.augment.lambda_jsd * jsd
             self.log("train/ce", ce, sync_dist=True)
@@ -89,7 +90,7 @@ class MultiExitModule(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         all_logits = self.model(x)
-        self.log("val/loss", self._loss(all_logits, y), sync_dist=True)
+        self.log("val/loss", self.exit_loss(all_logits, y), sync_dist=True)
         for name, metric, logits in zip(self.model.exit_names, self.val_acc, all_logits):
             metric.update(logits, y)
             self.log(f"val/acc_{name}", metric, on_epoch=True)  # a torchmetrics Metric: syncs across ranks itself

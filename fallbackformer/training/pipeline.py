@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fallbackformer.common.jsonsafe import dumps
+from fallbackformer.common.paths import path_names
+from fallbackformer.common.timing import Stopwatch
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.multi_exit import MultiExitNet
 from fallbackformer.data.protocol import DataSource, ShiftSuiteLike, check_data_source, check_shift_suite
@@ -81,7 +83,7 @@ def _fit(module: L.LightningModule, datamodule: L.LightningDataModule, trainer_c
     return best, metrics
 
 
-def _augmentation(cfg: DictConfig) -> Any:
+def build_augmentation(cfg: DictConfig) -> Any:
     """The training augmentation of ``cfg.augment`` (a fresh one, seeded), or ``None``."""
     from fallbackformer.data.augment import optional_augmentation
 
@@ -92,7 +94,7 @@ def train_primary(cfg: DictConfig, datamodule: L.LightningDataModule, workdir: P
     """Train the primary's exits jointly; the checkpoint is chosen on the validation split."""
     primary: MultiExitNet = instantiate(cfg.primary.model)
     fit_input_transforms(primary, *datamodule.splits["train"])  # data-fitted constants (e.g. standardisation)
-    module = instantiate(cfg.primary.module)(model=primary, augment=_augmentation(cfg))
+    module = instantiate(cfg.primary.module)(model=primary, augment=build_augmentation(cfg))
     best, _ = _fit(module, datamodule, cfg.trainer, cfg.primary.monitor, None, workdir / "primary")
     return primary.eval(), {"val_acc_primary": best}
 
@@ -102,7 +104,7 @@ def distill_student(cfg: DictConfig, datamodule: L.LightningDataModule, primary:
     """Distill the student from the frozen primary's final exit (Hinton loss)."""
     student: nn.Module = instantiate(cfg.student.model)
     fit_input_transforms(student, *datamodule.splits["train"])
-    module = instantiate(cfg.student.module)(student=student, teacher=primary, augment=_augmentation(cfg))
+    module = instantiate(cfg.student.module)(student=student, teacher=primary, augment=build_augmentation(cfg))
     best, _ = _fit(module, datamodule, cfg.trainer, cfg.student.monitor, cfg.student.max_epochs,
                    workdir / "student")
     return student.eval(), {"val_acc_student": best}
@@ -192,8 +194,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_launch(cfg)  # trainer=ddp_sim re-launches the script per rank: not inside a -m sweep
     if cfg.get("evaluation") is not None and cfg.evaluation.get("progress") is None:
         cfg.evaluation.progress = interactive(cfg.get("progress"))  # bars only on a terminal
-    seconds: dict[str, float] = {}
-    t_start = time.perf_counter()
+    watch = Stopwatch()
     out_dir = output_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -204,48 +205,42 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule.setup()
     splits = datamodule.splits
 
-    t = time.perf_counter()
-    primary, train_metrics = train_primary(cfg, datamodule, out_dir / "checkpoints")
-    seconds["train"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    student, distill_metrics = distill_student(cfg, datamodule, primary, out_dir / "checkpoints")
-    seconds["distill"] = time.perf_counter() - t
+    with watch.step("train"):
+        primary, train_metrics = train_primary(cfg, datamodule, out_dir / "checkpoints")
+    with watch.step("distill"):
+        student, distill_metrics = distill_student(cfg, datamodule, primary, out_dir / "checkpoints")
     if rank_zero_only.rank != 0:  # DDP: the other ranks only train; rank zero calibrates, evaluates, saves
         return {}, {"primary": primary, "student": student, "output_dir": out_dir}
 
-    t = time.perf_counter()
-    gates, calibration = calibrate_paths(cfg, primary, student, splits, out_dir / "calibration")
-    suite = instantiate(cfg.shift)
-    router, router_report = fit_router_step(cfg, primary, student, splits, suite)
-    model = assemble(cfg, primary, student, gates, router, datamodule=datamodule)
-    # Latency profiles (and the compile choice) before anything is timed, on validation images at
-    # the request sizes the evaluation uses.
-    model.warm_up(splits["val"][0][: cfg.evaluation.batch_size], batch_sizes=[1, cfg.evaluation.batch_size])
-    seconds["calibrate"] = time.perf_counter() - t
+    with watch.step("calibrate"):
+        gates, calibration = calibrate_paths(cfg, primary, student, splits, out_dir / "calibration")
+        suite = instantiate(cfg.shift)
+        router, router_report = fit_router_step(cfg, primary, student, splits, suite)
+        model = assemble(cfg, primary, student, gates, router, datamodule=datamodule)
+        # Latency profiles (and the compile choice) before anything is timed, on validation images at
+        # the request sizes the evaluation uses.
+        model.warm_up(splits["val"][0][: cfg.evaluation.batch_size], batch_sizes=[1, cfg.evaluation.batch_size])
 
     # Evaluation touches the test split and the shift sets made from it, nothing else does.
-    t = time.perf_counter()
-    x_test, y_test = splits["test"]
-    shift_sets = suite.build(x_test, y_test)
-    evaluation, report_paths = evaluate_and_report(
-        model, x_test, y_test, suite, out_dir, shift_sets=shift_sets,
-        extra={"bundle": str(cfg.bundle_dir), "seed": cfg.seed},
-        **OmegaConf.to_container(cfg.evaluation, resolve=True),
-    )
-    seconds["evaluate"] = time.perf_counter() - t
+    with watch.step("evaluate"):
+        x_test, y_test = splits["test"]
+        shift_sets = suite.build(x_test, y_test)
+        evaluation, report_paths = evaluate_and_report(
+            model, x_test, y_test, suite, out_dir, shift_sets=shift_sets,
+            extra={"bundle": str(cfg.bundle_dir), "seed": cfg.seed},
+            **OmegaConf.to_container(cfg.evaluation, resolve=True),
+        )
 
-    t = time.perf_counter()
-    bundle_dir = Path(cfg.bundle_dir)
-    # With the ONNX stage graphs inside, the bundle also loads with backend="onnxruntime".
-    save(model, bundle_dir, evaluation=headline_metrics(evaluation),
-         degradation=OmegaConf.to_container(cfg.degradation, resolve=True), onnx=bool(cfg.onnx.export))
-    onnx_report: dict[str, Any] = {}
-    if cfg.onnx.export:
-        onnx_path = export_onnx(model, out_dir / "model.onnx", variant=cfg.onnx.variant)
-        onnx_report = check_onnx_parity(model, onnx_path, x_test)
-    seconds["export"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t_start
+    with watch.step("export"):
+        bundle_dir = Path(cfg.bundle_dir)
+        # With the ONNX stage graphs inside, the bundle also loads with backend="onnxruntime".
+        save(model, bundle_dir, evaluation=headline_metrics(evaluation),
+             degradation=OmegaConf.to_container(cfg.degradation, resolve=True), onnx=bool(cfg.onnx.export))
+        onnx_report: dict[str, Any] = {}
+        if cfg.onnx.export:
+            onnx_path = export_onnx(model, out_dir / "model.onnx", variant=cfg.onnx.variant)
+            onnx_report = check_onnx_parity(model, onnx_path, x_test)
+    seconds = {**watch.seconds, "total": watch.elapsed()}
 
     clean = evaluation.per_set[CLEAN]
     shift = {
@@ -269,7 +264,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "training": {**train_metrics, **distill_metrics},
         "seconds": seconds,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out_dir / "summary.json").write_text(dumps(summary, indent=2, where="summary"))
     log.info("summary written to %s", out_dir / "summary.json")
     print(format_summary(summary))
     objects = {"model": model, "primary": primary, "student": student, "gates": gates,
@@ -349,8 +344,8 @@ def calibrate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     primary = load_model(cfg.primary_dir, "primary")
     student = load_model(cfg.student_dir, "student")
     gates, report = calibrate_paths(cfg, primary, student, datamodule.splits, out_dir)
-    payload = {"gates": {n: g.to_config() for n, g in zip(primary.exit_names + ["student"], gates)}}
-    (out_dir / "gates.json").write_text(json.dumps(payload, indent=2, default=float))
+    payload = {"gates": {n: g.to_config() for n, g in zip(path_names(primary.num_exits), gates)}}
+    (out_dir / "gates.json").write_text(dumps(payload, indent=2, where="gates"))
     return report, {"gates": gates, "output_dir": out_dir}
 
 
@@ -363,7 +358,7 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     primary = load_model(cfg.primary_dir, "primary")
     student = load_model(cfg.student_dir, "student")
     gate_cfgs = json.loads(Path(cfg.calibration).read_text())["gates"]  # gates.json of calibrate.py
-    gates = [ConfidenceGate.from_config(gate_cfgs[n]) for n in primary.exit_names + ["student"]]
+    gates = [ConfidenceGate.from_config(gate_cfgs[n]) for n in path_names(primary.num_exits)]
     model = assemble(cfg, primary, student, gates, datamodule=datamodule)
     bundle = save(model, Path(cfg.bundle_dir), degradation=OmegaConf.to_container(cfg.degradation, resolve=True),
                   onnx=bool(cfg.onnx.export))

@@ -86,7 +86,7 @@ def fit_router(primary: nn.Module, student: nn.Module, splits: dict[str, tuple[T
     covers = mixture_covers(config.clean_weight, names, config.severities, config.seed + 2)
     certify(router, ev_cal, y_cal, config.alpha, config.delta, covers, method=config.method,
             deadline_robust=config.deadline_robust)
-    report = {"guarantee": router.guarantee, "n_fit": int(y_fit.shape[0]),
+    report = {"guarantee": router.guarantee.to_dict() if router.guarantee is not None else None, "n_fit": int(y_fit.shape[0]),
               "n_calibration": int(y_cal.shape[0]),
               "calibration_clean_share": sum(k == "clean" for k in kinds) / max(1, len(kinds))}
     return router.eval(), report

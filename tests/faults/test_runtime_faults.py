@@ -6,6 +6,7 @@ turns a would-be hang into a failure.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -97,15 +98,19 @@ def test_a_blocking_sink_never_holds_the_call_and_a_full_queue_drops_and_counts(
 
 
 def test_latency_ms_is_the_whole_call_including_the_bookkeeping_after_the_answer():
-    model, clock, _, _ = build([2.0], budget_ms=20.0, hedge="off")
-    record = model._record
+    # the primary's gate accepts nothing: the student answers at 2 + 1 ms, and its event is given
+    # to an in-caller sink that takes 3 ms more
+    model, clock, _, _ = build([2.0], student_script=1.0, thresholds=[math.inf, 0.5], budget_ms=20.0, hedge="off")
 
-    def slow_record(*args):
-        clock.advance(3.0)
-        return record(*args)
+    class SlowSink:
+        nonblocking = True  # given its events on the caller's thread
 
-    model._record = slow_record
-    assert model(X).latency_ms == pytest.approx(5.0)
+        def emit(self, event):
+            clock.advance(3.0)
+
+    model.sinks = [SlowSink()]
+    out = model(X)
+    assert out.served_by == [R.STUDENT] and out.latency_ms == pytest.approx(6.0)
 
 
 def test_a_stuck_worker_does_not_starve_the_next_calls_and_is_counted():
@@ -129,19 +134,21 @@ def test_calls_beyond_max_concurrency_are_served_by_the_student_at_once():
     model, _, _, _ = build([0.0], student_script=0.0, clock=MonotonicClock(), budget_ms=1e6, hedge="off",
                            max_concurrency=1)
     entered, release = threading.Event(), threading.Event()
-    stage = model._units["stage_0"]
+    stage = model.primary.stages[0]  # a ScriptedDelay: its inner module is swapped below
+    identity = stage.inner
 
-    def blocking(h):
-        entered.set()
-        release.wait(10.0)
-        return stage(h)
+    class Blocking(torch.nn.Module):
+        def forward(self, h):
+            entered.set()
+            release.wait(10.0)
+            return identity(h)
 
-    model._units["stage_0"] = blocking
+    stage.inner = Blocking()
     worker = threading.Thread(target=model, args=(X,), daemon=True)
     worker.start()
     try:
         assert entered.wait(10.0)
-        model._units["stage_0"] = stage
+        stage.inner = identity
         out = model(X)
         assert out.served_by == [R.STUDENT] and out.reason == [R.DEADLINE_PREDICTED]
         assert model.stats()["concurrency_refused"] == 1
@@ -154,8 +161,7 @@ def test_calls_beyond_max_concurrency_are_served_by_the_student_at_once():
 def test_a_batch_over_max_batch_is_split_or_refused_as_the_policy_says():
     model, _, stages, _ = build([1.0], budget_ms=20.0, hedge="off", max_batch=4)
     sizes: list[int] = []
-    stage = model._units["stage_0"]
-    model._units["stage_0"] = lambda h: (sizes.append(h.shape[0]), stage(h))[1]
+    stages[0].register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     out = model(torch.zeros(10, 4))
     assert out.served_by == [R.PRIMARY] * 10 and out.prediction.shape == (10,) and out.logits.shape == (10, 3)
     assert sizes == [4, 4, 2] and out.latency_ms <= 20.0
@@ -202,8 +208,8 @@ def test_the_interpreter_exits_cleanly_after_multithreaded_hedged_use(tmp_path):
         "gates = [ff.ConfidenceGate(temperature=1.0, threshold=0.99) for _ in range(primary.num_exits + 1)]\n"
         "model = ff.FallbackModel(primary, student, gates, ff.Policy(budget_ms=2.0)).eval()\n"
         "x = torch.rand(64, 1, 8, 8) * 16\n"
-        "stage = model._units['stage_1']\n"
-        "model._units['stage_1'] = lambda h: [stage(h) for _ in range(50)][-1]  # stalls: workers busy at exit\n"
+        "stage = model.primary.stages[1]\n"
+        "stage.register_forward_hook(lambda m, a, out: [m.forward(*a) for _ in range(49)][-1])  # stalls: workers busy at exit\n"
         "def run():\n"
         "    for _ in range(20):\n"
         "        model(x)\n"

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 
 from fallbackformer.data.augment import AugMix
 from fallbackformer.data.shift import HELD_OUT, TUNING_CORRUPTIONS
-from fallbackformer.training.pipeline import _augmentation
+from fallbackformer.training.pipeline import build_augmentation
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -21,7 +21,7 @@ def _compose(overrides: list[str]):
 
 def test_augmix_composes_and_reaches_the_modules():
     cfg = _compose(["augment=augmix", "seed=5"])
-    aug = _augmentation(cfg)
+    aug = build_augmentation(cfg)
     assert isinstance(aug, AugMix)
     assert aug.config.seed == 5 and aug.config.width == 3 and aug.lambda_jsd == cfg.augment.config.lambda_jsd
     assert set(aug.operations) == set(TUNING_CORRUPTIONS) and not set(aug.operations) & HELD_OUT
@@ -32,4 +32,4 @@ def test_the_default_is_augmix_and_none_turns_it_off():
     assert cfg.augment._target_ == "fallbackformer.data.augment.AugMix"  # chosen on the validation split
     off = _compose(["augment=none"])
     assert off.augment._target_ == "fallbackformer.data.augment.NoAugmentation"
-    assert _augmentation(off) is None
+    assert build_augmentation(off) is None

@@ -55,9 +55,9 @@ def test_demo_bundle_router_states_what_its_guarantee_covers(demo):
     model = demo[0]
     assert model.router is not None
     g = model.router.guarantee
-    assert g["satisfied"] and g["method"] == "ltt_binom"
-    assert set(g["covers"]["corruptions"]).isdisjoint({"speckle_noise", "glass_blur", "fog", "zigzag"})
-    assert "says nothing about other shifts" in g["statement"]
+    assert g.satisfied and g.method == "ltt_binom"
+    assert set(g.covers["corruptions"]).isdisjoint({"speckle_noise", "glass_blur", "fog", "zigzag"})
+    assert "says nothing about other shifts" in g.statement
 
 
 def test_demo_bundle_is_calibrated(demo):

@@ -198,9 +198,9 @@ def test_console_setup_prints_each_lightning_record_once_and_no_tip():
 
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-    from fallbackformer.training.console import _LIGHTNING_LOGGERS, _RANK_ZERO_LOGGERS, setup_console_logging
+    from fallbackformer.training.console import LIGHTNING_LOGGERS, RANK_ZERO_LOGGERS, setup_console_logging
 
-    names = ("", *_LIGHTNING_LOGGERS, *_RANK_ZERO_LOGGERS)
+    names = ("", *LIGHTNING_LOGGERS, *RANK_ZERO_LOGGERS)
     saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).filters[:], logging.getLogger(n).propagate,
                  logging.getLogger(n).level) for n in names}
     stream = io.StringIO()

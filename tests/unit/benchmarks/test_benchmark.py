@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fallbackformer.benchmarks import register_section, run_benchmark
-from fallbackformer.benchmarks.runner import _REGISTERED
+from fallbackformer.benchmarks import register_section, run_benchmark, unregister_section
 
 
 def test_benchmark_sections_on_tiny_settings(digits_system, tmp_path: Path) -> None:
@@ -43,7 +42,7 @@ def test_benchmark_sections_on_tiny_settings(digits_system, tmp_path: Path) -> N
     try:
         results, objects = run_benchmark(cfg, system=system)
     finally:
-        _REGISTERED.pop("custom", None)
+        unregister_section("custom")
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert set(saved) == {"machine", "config", "overhead", "evidence", "deadline", "early_exit", "onnxruntime", "custom"}
     assert saved["machine"]["torch"] and saved["machine"]["cpu"] and "loaded" in saved["machine"]

@@ -50,3 +50,13 @@ def test_missing_required_field_is_an_error_and_status_sections_render() -> None
     results["extra"] = {"answer": 42}
     page = render_markdown(results)
     assert "## torch.compile" in page and "compile failed: no compiler" in page and "## extra" in page
+
+
+def test_undefined_and_infinite_figures_read_as_such() -> None:
+    """benchmark.json stores NaN as null and infinities as "inf" (fallbackformer.common.jsonsafe)."""
+    results = _fake_results()
+    results["early_exit"]["router"]["accuracy_answered"] = None  # no answer given: undefined
+    results["early_exit"]["router"]["router_threshold"] = "inf"  # nothing certified
+    page = render_markdown(results)
+    line = next(row for row in page.splitlines() if row.startswith("With the router"))
+    assert "threshold inf," in line and "accuracy of the answers given n/a" in line

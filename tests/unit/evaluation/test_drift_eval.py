@@ -9,7 +9,7 @@ import torch
 
 import fallbackformer as ff
 from fallbackformer.data.shift import corrupt
-from fallbackformer.evaluation.drift_eval import _stream_indices, drift_study
+from fallbackformer.evaluation.drift_eval import stream_indices, drift_study
 from fallbackformer.runtime.events import ListSink
 
 
@@ -40,7 +40,7 @@ def test_the_study_matches_a_replay_and_restores_the_model(digits_system, study_
 
     # replay the alert stream through the public API
     x, y = study_inputs["pixelate/5"]
-    idx = _stream_indices(len(y), 240, 0, "pixelate/5")
+    idx = stream_indices(len(y), 240, 0, "pixelate/5")
     replay = digits_system.fresh_model(policy=ff.Policy(budget_ms=1e9, hedge="off", drift_check=True))
     detected, correct, covered, total = None, 0, 0, 0
     for start in range(0, 240, 8):

@@ -122,6 +122,64 @@ def test_ece_from_logits_agrees_with_top_label() -> None:
         M.ece(torch.tensor([1.5]), torch.tensor([True]))
 
 
+def _brute_ece(conf, correct, n_bins: int, binning: str) -> float:
+    """Loop reference ECE (numpy, no shared code); width bins ``(b/n, (b+1)/n]``, the first holding 0."""
+    conf, correct = np.asarray(conf, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+    n = len(conf)
+    if binning == "width":
+        groups = [[i for i in range(n) if (conf[i] > b / n_bins or (b == 0 and conf[i] >= 0)) and conf[i] <= (b + 1) / n_bins]
+                  for b in range(n_bins)]
+    else:
+        order = np.argsort(conf, kind="stable")
+        groups = [[int(order[j]) for j in range(n) if j * n_bins // n == b] for b in range(n_bins)]
+    return sum(len(sel) / n * abs(correct[sel].mean() - conf[sel].mean()) for sel in groups if sel)
+
+
+def test_ece_is_torchmetrics_calibration_error() -> None:
+    """The one ECE against torchmetrics' stateful metric, fed in uneven batches (another code path)."""
+    from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1000, 10, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 10, (1000,), generator=g)
+    conf, pred = torch.softmax(logits, dim=1).max(dim=1)
+    binary, multi = BinaryCalibrationError(n_bins=15, norm="l1"), MulticlassCalibrationError(10, n_bins=15, norm="l1")
+    for a, b in ((0, 17), (17, 400), (400, 1000)):
+        binary.update(conf[a:b], (pred[a:b] == y[a:b]).long())
+        multi.update(torch.softmax(logits[a:b], dim=1), y[a:b])
+    assert M.ece(conf, pred == y) == pytest.approx(float(binary.compute()), abs=1e-12)
+    assert M.ece_from_logits(logits, y) == pytest.approx(float(multi.compute()), abs=1e-12)
+    edges = torch.tensor([0.0, 1 / 15, 2 / 15, 0.5, 14 / 15, 1.0], dtype=torch.float64)  # on the bin edges
+    ok = torch.tensor([True, False, True, True, False, True])
+    binary.reset()
+    binary.update(edges, ok.long())
+    assert M.ece(edges, ok) == pytest.approx(float(binary.compute()), abs=1e-12)
+
+
+def test_equal_mass_ece_against_brute_force() -> None:
+    g = torch.Generator().manual_seed(2)
+    p = torch.softmax(torch.randn(400, 5, generator=g, dtype=torch.float64) * 2, dim=1)
+    y = torch.randint(0, 5, (400,), generator=g)
+    conf, pred = p.max(dim=1)
+    ref = _brute_ece(conf.numpy(), (pred == y).numpy(), 10, "mass")
+    assert M.ece(conf, pred == y, n_bins=10, binning="mass") == pytest.approx(ref, abs=1e-12)
+    with pytest.raises(ValueError, match="binning"):
+        M.ece(conf, pred == y, binning="quantile")
+
+
+def test_classwise_ece_against_brute_force() -> None:
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(300, 4, generator=g) * 2
+    y = torch.randint(0, 4, (300,), generator=g)
+    p = torch.softmax(z.double(), 1).numpy()
+    ref = np.mean([_brute_ece(p[:, c], (y.numpy() == c), 15, "width") for c in range(4)])
+    assert M.classwise_ece(z, y) == pytest.approx(ref, abs=1e-12)
+    z[0, 0] = float("nan")  # a non-finite row is left out
+    p = torch.softmax(z[1:].double(), 1).numpy()
+    ref = np.mean([_brute_ece(p[:, c], (y[1:].numpy() == c), 15, "width") for c in range(4)])
+    assert M.classwise_ece(z, y) == pytest.approx(ref, abs=1e-12)
+
+
 def test_calibration_bins() -> None:
     conf = torch.tensor([0.0, 0.05, 0.5, 1.0, 0.999])
     ok = torch.tensor([False, True, True, True, False])

@@ -22,6 +22,7 @@ from fallbackformer.evaluation import metrics as M
 from fallbackformer.evaluation.guarantee_eval import INSIDE, OUTSIDE, certified_scope
 from fallbackformer.evaluation.shift_eval import evaluate
 from fallbackformer.evaluation.shift_summary import verdict
+from fallbackformer.gates.guarantee import Guarantee, certified
 
 C = 10
 ALPHA = 0.1
@@ -57,7 +58,7 @@ def _data(model: ff.FallbackModel, n: int, seed: int, flip: float) -> tuple[torc
 class Routed:
     """The same system behind a fake router: only ``router.guarantee`` is new (duck typing)."""
 
-    def __init__(self, model: ff.FallbackModel, guarantee: dict[str, Any]) -> None:
+    def __init__(self, model: ff.FallbackModel, guarantee: Guarantee) -> None:
         self.__dict__["_model"] = model
         self.__dict__["router"] = SimpleNamespace(guarantee=guarantee)
 
@@ -196,7 +197,8 @@ def test_failure_auroc_ties_and_degenerate() -> None:
 @pytest.mark.parametrize("router_alpha", [0.99, 1e-4])
 def test_router_check_replaces_the_gates(gated, router_alpha: float) -> None:
     model, sets, gated_ev = gated
-    g = {"alpha": router_alpha, "delta": DELTA, "satisfied": True, "covers": COVERS}
+    g = certified(alpha=router_alpha, delta=DELTA, method="ltt_binom", n=500, threshold=0.5, satisfied=True,
+                  reason="certified", covers=COVERS)
     ev = evaluate(Routed(model, g), sets, **KW)
     assert ev.certificate["by"] == "router" and ev.to_json()["meta"]["certificate"]["covers"] == COVERS
     for k, (x, y) in sets.items():

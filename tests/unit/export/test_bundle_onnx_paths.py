@@ -29,8 +29,8 @@ def test_an_onnx_graph_missing_from_the_hashes_is_refused(tmp_path, onnx_section
 
 
 def test_the_shipped_layout_names_every_graph(tmp_path):
-    from fallbackformer.export.bundle import _onnx_files
+    from fallbackformer.export.manifest import onnx_files
 
     section = {"combined": "model.onnx", "combined_variant": "where", "heads": {"0": "onnx/h.onnx"},
                "input_transform": "onnx/t.onnx", "stages": ["onnx/s0.onnx"], "student": "onnx/st.onnx"}
-    assert sorted(_onnx_files(section)) == ["model.onnx", "onnx/h.onnx", "onnx/s0.onnx", "onnx/st.onnx", "onnx/t.onnx"]
+    assert sorted(onnx_files(section)) == ["model.onnx", "onnx/h.onnx", "onnx/s0.onnx", "onnx/st.onnx", "onnx/t.onnx"]

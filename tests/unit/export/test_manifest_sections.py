@@ -7,22 +7,22 @@ import json
 
 import pytest
 
-from fallbackformer.export import manifest as manifest_mod
 from fallbackformer.export.bundle import DIGEST_FIELD, MANIFEST, BundleError, load, manifest_digest, save
-from fallbackformer.export.manifest import ManifestSection, register_section
+from fallbackformer.export.manifest import ManifestSection, register_section, registered_sections, unregister_section
 
 
 @pytest.fixture
-def annotation_section(monkeypatch):
+def annotation_section():
     """A stand-in optional section, removed after the test."""
-    monkeypatch.setattr(manifest_mod, "_SECTIONS", {})
 
     def from_config(cfg):
         if not isinstance(cfg, dict) or not isinstance(cfg.get("threshold"), float):
             raise ValueError(f"annotation threshold must be a float; got {cfg!r}")
         return ("annotation", cfg["threshold"])
 
-    return register_section(ManifestSection("annotation", from_config, to_config=lambda model: {"threshold": 0.25}))
+    yield register_section(ManifestSection("annotation", from_config, to_config=lambda model: {"threshold": 0.25}))
+    unregister_section("annotation")
+    assert "annotation" not in registered_sections()
 
 
 def test_a_registered_section_round_trips(model, tmp_path, annotation_section):
@@ -43,7 +43,7 @@ def test_a_bad_section_is_refused_naming_it(model, tmp_path, annotation_section)
 
 def test_an_unregistered_section_is_refused(model, tmp_path, annotation_section):
     path = save(model, tmp_path / "b")
-    manifest_mod._SECTIONS.clear()
+    unregister_section("annotation")
     with pytest.raises(BundleError, match=r"manifest field annotation is not a field this fallbackformer knows.*register_section"):
         load(path)
 

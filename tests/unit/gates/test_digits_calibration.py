@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fallbackformer.gates import ScoreDriftMonitor, fit_temperature
-from fallbackformer.gates.drift import _ks_from_counts
+from fallbackformer.gates.drift import ks_from_counts
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ def _first_alarms(monitor, streams):
     w, n_ref = monitor.window, ref.numel()
     for t in range(w, streams.shape[1] + 1, monitor.check_every):
         order = streams[:, t - w : t].argsort(dim=1)
-        d = _ks_from_counts(right[:, t - w : t].gather(1, order), left[:, t - w : t].gather(1, order), n_ref)
+        d = ks_from_counts(right[:, t - w : t].gather(1, order), left[:, t - w : t].gather(1, order), n_ref)
         first = torch.where((d >= monitor.critical_value) & (first < 0), torch.full_like(first, t), first)
     return first
 
@@ -120,7 +120,7 @@ def test_drift_monitor_on_real_digits_scores(digits_system, digits_logits):
 @pytest.mark.parametrize("mode", ["per_path", "system"])
 def test_calibrate_gates_and_report(digits_logits, tmp_path, mode):
     pytest.importorskip("matplotlib")
-    from fallbackformer.gates.temperature import ece
+    from fallbackformer.evaluation.metrics import ece_from_logits
     from fallbackformer.training.calibration import calibrate_gates, write_calibration_report
 
     cal, y = digits_logits["calibration"]
@@ -134,7 +134,7 @@ def test_calibrate_gates_and_report(digits_logits, tmp_path, mode):
         entry = report["gates"][name]
         assert entry["guarantee"]["method"] == "ltt_hb"
         # torchmetrics' ECE and the gates' own equal-width ECE agree
-        assert entry["after"]["ece"] == pytest.approx(ece(z / float(gate.temperature), y), abs=1e-6)
+        assert entry["after"]["ece"] == pytest.approx(ece_from_logits(z, y, temperature=float(gate.temperature)), abs=1e-6)
         assert entry["after"]["nll"] <= entry["before"]["nll"] + 1e-9
     if mode == "system":
         assert len({float(g.threshold) for g in gates}) == 1

@@ -8,7 +8,7 @@ import torch
 from fallbackformer.gates.drift import (
     InputRangeCheck,
     ScoreDriftMonitor,
-    _ks_from_counts,
+    ks_from_counts,
     ks_pvalue,
     ks_statistic,
 )
@@ -49,7 +49,7 @@ def _first_alarms(monitor: ScoreDriftMonitor, streams: torch.Tensor) -> torch.Te
     assert monitor.reference_size == n_ref
     for t in range(w, streams.shape[1] + 1, monitor.check_every):
         order = streams[:, t - w : t].argsort(dim=1)
-        d = _ks_from_counts(right[:, t - w : t].gather(1, order), left[:, t - w : t].gather(1, order), n_ref)
+        d = ks_from_counts(right[:, t - w : t].gather(1, order), left[:, t - w : t].gather(1, order), n_ref)
         first = torch.where((d >= monitor.critical_value) & (first < 0), torch.full_like(first, t), first)
     return first
 

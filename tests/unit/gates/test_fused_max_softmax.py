@@ -1,7 +1,7 @@
 """The gate's fused max-softmax path against the masked reference, bit for bit.
 
 The serving hot path computes ``max_softmax`` in three kernels and the gate's decision with one
-comparison (fallbackformer.gates.scores._max_softmax_eager, ConfidenceGate.forward); a graph being
+comparison (fallbackformer.gates.scores.max_softmax_fused, ConfidenceGate.forward); a graph being
 traced (torch.compile, torch.export, the ONNX exporter) keeps the explicit masks. Both must agree
 exactly, on finite rows and on rows with NaN, +inf, -inf or huge logits.
 """
@@ -19,8 +19,9 @@ from fallbackformer.gates.gate import ConfidenceGate
 
 def _masked_max_softmax(logits: torch.Tensor) -> torch.Tensor:
     """The reference: softmax of the rows made finite, max, NaN where a logit is not finite."""
-    p, finite = scores._probs(logits)
-    s = p.max(dim=1).values
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    finite = torch.isfinite(x).all(dim=1)
+    s = torch.softmax(torch.where(finite[:, None], x, torch.zeros_like(x)), dim=1).max(dim=1).values
     return torch.where(finite, s, torch.full_like(s, float("nan")))
 
 
@@ -55,8 +56,13 @@ def test_fused_max_softmax_is_bit_identical_to_the_masked_form(dtype: torch.dtyp
 def test_traced_graphs_keep_the_masked_form(monkeypatch: pytest.MonkeyPatch) -> None:
     z = _logits(3, 32, 10)
     eager = scores.max_softmax(z)
-    monkeypatch.setattr(scores, "_tracing", lambda: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as under torch.compile / torch.export
+    assert scores.is_tracing()
     assert _same(scores.max_softmax(z), eager)
+    gate = ConfidenceGate(temperature=1.3, threshold=0.5)  # the gate takes the masked path too
+    accepted, conf = gate(z)
+    assert _same(conf, _masked_max_softmax(z / gate.temperature))
+    assert torch.equal(accepted, torch.isfinite(conf) & (conf >= 0.5))
 
 
 @pytest.mark.parametrize("temperature", [0.37, 1.0, 2.5])

@@ -27,18 +27,19 @@ def test_calibrate_and_round_trip(method, score):
     assert torch.equal(acc, gate.accept(z))
     assert torch.equal(acc, torch.isfinite(conf) & (conf >= gate.threshold))
     g = gate.guarantee
-    for key in ("alpha", "delta", "method", "n_cal", "coverage_cal", "threshold", "temperature",
-                "score", "satisfied", "reason"):
-        assert key in g, key
-    assert g["method"] == method and g["score"] == score and g["n_cal"] == 2000
-    assert g["satisfied"] and math.isfinite(g["threshold"])
-    assert g["coverage_cal"] == pytest.approx(acc.float().mean().item())
+    assert (g.alpha, g.delta, g.method, g.n) == (0.05, 0.1, method, 2000)
+    assert g.details["score"] == score and g.details["temperature"] == float(gate.temperature)
+    assert g.satisfied and g.threshold == float(gate.threshold) and math.isfinite(g.threshold)
+    assert g.coverage == pytest.approx(acc.float().mean().item())
+    assert g.covers == {"clean_weight": 1.0, "corruptions": [], "severities": []}  # the calibration split
+    assert "calibration split" in g.statement and f"<= {0.05:g}" in g.statement
     cfg = gate.to_config()
     text = json.dumps(cfg, allow_nan=False)
     assert len(text) < 20_000
     gate2 = ConfidenceGate.from_config(json.loads(text))
     assert torch.equal(gate2.accept(z), acc)
-    assert gate2.guarantee["threshold"] == pytest.approx(g["threshold"])
+    assert gate2.guarantee.threshold == pytest.approx(g.threshold)
+    assert gate2.guarantee == g  # the typed guarantee survives its JSON form
     assert 0 < gate.reference_scores.numel() <= 512
     assert torch.all(gate.reference_scores[1:] >= gate.reference_scores[:-1])
 
@@ -71,8 +72,8 @@ def test_unreachable_alpha_gives_inf_threshold_with_reason():
     z = torch.randn(300, 10, generator=g)  # pure noise: 90% error at every threshold
     gate = ConfidenceGate.calibrate(z, y, alpha=0.01, delta=0.1, method="ltt_hb")
     assert math.isinf(float(gate.threshold))
-    assert gate.guarantee["satisfied"] is False
-    assert "accepts nothing" in gate.guarantee["reason"]
+    assert gate.guarantee.satisfied is False
+    assert "accepts nothing" in gate.guarantee.reason
     assert not gate.accept(z).any()
 
 
@@ -80,10 +81,10 @@ def test_default_is_ltt_binom_and_a_stored_ltt_hb_gate_still_loads():
     z, y = _synthetic(2000)
     gate = ConfidenceGate.calibrate(z, y, alpha=0.05, delta=0.1)
     hb = ConfidenceGate.calibrate(z, y, alpha=0.05, delta=0.1, method="ltt_hb")
-    assert gate.guarantee["method"] == "ltt_binom" and "exact binomial" in gate.guarantee["reason"]
+    assert gate.guarantee.method == "ltt_binom" and "exact binomial" in gate.guarantee.reason
     assert float(gate.threshold) <= float(hb.threshold)  # the exact tail is never more conservative
     back = ConfidenceGate.from_config(json.loads(json.dumps(hb.to_config(), allow_nan=False)))
-    assert back.guarantee["method"] == "ltt_hb" and torch.equal(back.accept(z), hb.accept(z))
+    assert back.guarantee.method == "ltt_hb" and torch.equal(back.accept(z), hb.accept(z))
 
 
 def test_state_dict_holds_temperature_and_threshold():

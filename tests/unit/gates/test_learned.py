@@ -47,7 +47,7 @@ def test_gate_with_learned_score():
     z_tr, y_tr = _split(2000, 3)
     z_cal, y_cal = _split(2000, 4)
     gate = ConfidenceGate.calibrate(z_cal, y_cal, alpha=0.05, delta=0.1, score="learned", score_train=(z_tr, y_tr))
-    assert gate.score == "learned" and gate.guarantee["satisfied"]
+    assert gate.score == "learned" and gate.guarantee.satisfied
     again = ConfidenceGate.from_config(json.loads(json.dumps(gate.to_config(), allow_nan=False)))
     assert torch.equal(again.accept(z_cal), gate.accept(z_cal))
     # a state_dict written by the gate loads into a gate rebuilt from its config

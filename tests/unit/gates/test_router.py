@@ -3,6 +3,8 @@ tested statistically over many random calibration/test splits."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import pytest
@@ -59,6 +61,13 @@ def test_mahalanobis_against_brute_force():
 
 
 def _fitted_router(seed: int = 0) -> tuple[Router, Evidence, torch.Tensor]:
+    """A fresh copy of one fitted router (fitted once per seed: each test may certify its own copy)."""
+    router, ev, labels = _fit_router_once(seed)
+    return copy.deepcopy(router), ev, labels
+
+
+@functools.lru_cache(maxsize=None)
+def _fit_router_once(seed: int) -> tuple[Router, Evidence, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     n, c, e = 600, 4, 3
     labels = torch.randint(0, c, (n,), generator=g)
@@ -79,7 +88,7 @@ def _fitted_router(seed: int = 0) -> tuple[Router, Evidence, torch.Tensor]:
 def test_router_fits_and_round_trips_through_its_config():
     router, ev, labels = _fitted_router()
     certify(router, ev, labels, alpha=0.1, delta=0.1, covers={"clean_weight": 1.0, "corruptions": [], "severities": []})
-    assert router.guarantee["satisfied"]
+    assert router.guarantee.satisfied
     again = Router.from_config(router.to_config(), router.state_dict())
     for k in range(2):
         a1, c1, p1 = router.decide_exit(ev, k)
@@ -105,8 +114,8 @@ def test_unfitted_or_uncertifiable_router_answers_nothing():
     router, ev, labels = _fitted_router()
     assert math.isinf(float(router.threshold))
     certify(router, ev.select(torch.arange(10)), labels[:10], alpha=0.01, delta=0.1, covers={})
-    assert not router.guarantee["satisfied"] and math.isinf(float(router.threshold))
-    assert "answers nothing" in router.guarantee["reason"]
+    assert not router.guarantee.satisfied and math.isinf(float(router.threshold))
+    assert "answers nothing" in router.guarantee.reason
 
 
 def _synthetic_probs(s: int, n: int, e1: int, gen: torch.Generator) -> RouterProbabilities:

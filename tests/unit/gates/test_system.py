@@ -53,7 +53,7 @@ def test_cascade_counts_brute_force():
 def test_calibrate_system_matches_runtime_rule():
     exits, student, y = _cascade_logits(3000, seed=1)
     gates = calibrate_system(exits, student, y, alpha=0.05, delta=0.1)
-    assert [g.guarantee["name"] for g in gates] == ["exit_1", "exit_2", "exit_3", "primary", "student"]
+    assert [g.guarantee.details["name"] for g in gates] == ["exit_1", "exit_2", "exit_3", "primary", "student"]
     thr = {float(g.threshold) for g in gates}
     assert len(thr) == 1 and math.isfinite(thr.pop())
     # the runtime rule: first gate that accepts serves; else the default
@@ -61,15 +61,15 @@ def test_calibrate_system_matches_runtime_rule():
     acc = torch.stack([g.accept(z) for g, z in zip(gates, all_logits)])  # [M, N]
     first = torch.where(acc, torch.arange(5)[:, None], torch.full_like(acc, 5, dtype=torch.long)).min(0).values
     for i, g in enumerate(gates):
-        assert g.guarantee["coverage_cal"] == pytest.approx((first == i).double().mean().item())
-        assert g.guarantee["scope"] == "system" and g.guarantee["satisfied"]
-        assert g.guarantee["method"] == "ltt_binom" and "exact binomial" in g.guarantee["reason"]
-        assert isinstance(ConfidenceGate.from_config(g.to_config()).guarantee, dict)
+        assert g.guarantee.coverage == pytest.approx((first == i).double().mean().item())
+        assert g.guarantee.details["scope"] == "system" and g.guarantee.satisfied
+        assert g.guarantee.method == "ltt_binom" and "exact binomial" in g.guarantee.reason
+        assert ConfidenceGate.from_config(g.to_config()).guarantee == g.guarantee
     served = first < 5
     preds = torch.stack([z.argmax(1) for z in all_logits]).gather(0, first.clamp(max=4)[None])[0]
     risk = (preds != y)[served].double().mean().item()
-    assert gates[0].guarantee["system_selective_risk_cal"] == pytest.approx(risk)
-    assert gates[0].guarantee["system_coverage_cal"] == pytest.approx(served.double().mean().item())
+    assert gates[0].guarantee.details["system_selective_risk_cal"] == pytest.approx(risk)
+    assert gates[0].guarantee.details["system_coverage_cal"] == pytest.approx(served.double().mean().item())
     # the deadline-robust path is more conservative than the full cascade alone
     plain = calibrate_system(exits, student, y, alpha=0.05, delta=0.1, deadline_robust=False)
     assert float(plain[0].threshold) <= float(gates[0].threshold)
@@ -82,8 +82,8 @@ def test_calibrate_system_unreachable_accepts_nothing():
     gates = calibrate_system(noise[:2], noise[2], y, alpha=0.02, delta=0.1)
     for gate in gates:
         assert math.isinf(float(gate.threshold))
-        assert gate.guarantee["satisfied"] is False
-        assert "accept nothing" in gate.guarantee["reason"]
+        assert gate.guarantee.satisfied is False
+        assert "accept nothing" in gate.guarantee.reason
 
 
 def test_calibrate_system_bad_input_names_value():

@@ -53,7 +53,8 @@ def test_report_files_name_each_reason_with_pass_fail(report) -> None:
 
 
 def test_a_drill_whose_fault_gives_another_reason_fails(tmp_path, monkeypatch) -> None:
-    wrong = D.Drill("rollback_switch", ff.REASONS[0], D._rollback)  # gives breaker_open, not low_confidence
+    rollback = next(d for d in D.DRILLS if d.name == "rollback_switch")
+    wrong = D.Drill(rollback.name, ff.REASONS[0], rollback.run)  # gives breaker_open, not low_confidence
     monkeypatch.setattr(D, "DRILLS", (wrong,))
     rep = D.run_drills(BUNDLE, tmp_path)
     assert not rep.passed and "breaker_open" in rep.results[0].failures[0]

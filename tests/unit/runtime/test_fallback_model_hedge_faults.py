@@ -32,16 +32,17 @@ def test_a_walk_that_served_everything_but_finished_late_keeps_empty_reasons():
 
 
 def test_a_worker_that_dies_outside_the_walk_is_a_recorded_primary_error():
-    model, _, _, _ = build([0.0], student_script=0.0, clock=MonotonicClock(), budget_ms=200.0, margin_ms=1.0,
-                           hedge="always", hedge_workers=1)
+    model, _, stages, _ = build([0.0], student_script=0.0, clock=MonotonicClock(), budget_ms=200.0, margin_ms=1.0,
+                                hedge="always", hedge_workers=1)
 
     class WorkerFault(BaseException):
         pass
 
-    def broken_stage(h):
-        raise WorkerFault("worker infrastructure failure")
+    class BrokenStage(torch.nn.Module):
+        def forward(self, h):
+            raise WorkerFault("worker infrastructure failure")
 
-    model._units["stage_0"] = broken_stage
+    stages[0].inner = BrokenStage()
     try:
         out = model(torch.zeros(2, 4))
         assert out.served_by == ["student", "student"]

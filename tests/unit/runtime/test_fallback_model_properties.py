@@ -57,15 +57,14 @@ def _model(sysd: dict[str, Any], **policy: Any):
     return model, clock, stages, student
 
 
-class _StartSpy(nn.Module):
-    """Checks the admission inequality each time its stage starts."""
+class _StartSpy:
+    """A forward pre-hook: checks the admission inequality each time its stage starts."""
 
-    def __init__(self, inner: nn.Module, index: int, ctx: dict[str, Any]) -> None:
-        super().__init__()
-        self.inner, self.index, self.ctx = inner, index, ctx
+    def __init__(self, index: int, ctx: dict[str, Any]) -> None:
+        self.index, self.ctx = index, ctx
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        ctx, i = self.ctx, self.index
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        h, ctx, i = args[0], self.ctx, self.index
         model = ctx["model"]
         elapsed = (model.clock.now_ns() - ctx["start_ns"]) / NS
         live = ctx["live"] + [True]
@@ -77,30 +76,25 @@ class _StartSpy(nn.Module):
         # (an assert here would be caught by the runtime as a primary error: record, check outside)
         if elapsed + predicted + model.policy.margin_ms > model.policy.budget_ms + 1e-9:
             ctx["violations"].append((i, elapsed, predicted))
-        return self.inner(h)
 
 
-class _AnswerSpy(nn.Module):
-    """Records when each exit head answered, per call."""
+class _AnswerSpy:
+    """A forward hook: records when each exit head answered, per call."""
 
-    def __init__(self, inner: nn.Module, name: str, ctx: dict[str, Any]) -> None:
-        super().__init__()
-        self.inner, self.name, self.ctx = inner, name, ctx
+    def __init__(self, name: str, ctx: dict[str, Any]) -> None:
+        self.name, self.ctx = name, ctx
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.inner(h)
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         self.ctx["answered"][self.name] = self.ctx["model"].clock.now_ns()
-        return out
 
 
 def _instrument(model: Any, sysd: dict[str, Any]) -> dict[str, Any]:
     ctx: dict[str, Any] = {"model": model, "live": list(sysd["live"]), "starts": [], "answered": {}, "violations": []}
     primary = model.primary
-    for i in range(len(primary.stages)):
-        primary.stages[i] = _StartSpy(primary.stages[i], i, ctx)
+    for i, stage in enumerate(primary.stages):
+        stage.register_forward_pre_hook(_StartSpy(i, ctx))
     for k, s in enumerate(primary.exit_stages):
-        primary.heads[str(s)] = _AnswerSpy(primary.head(s), primary.exit_names[k], ctx)
-    model._eager_units()
+        primary.head(s).register_forward_hook(_AnswerSpy(primary.exit_names[k], ctx))
     return ctx
 
 

@@ -199,9 +199,7 @@ def test_a_stage_that_changes_the_batch_size_is_a_primary_error() -> None:
             return h[:1]
 
     model, clock, stages, student = build([1.0, 1.0])
-    model.primary.stages[1] = Drop()
-    model._sync()  # units are rebuilt only when the compile policy changes: rebuild by hand
-    model._eager_units()
+    stages[1].inner = Drop()  # the second stage (its scripted time kept) now drops samples
     out = model(torch.zeros(3, 4))
     assert out.reason == ["primary_error"] * 3
 
@@ -269,8 +267,7 @@ def test_per_sample_exits_compact_the_batch_and_keep_the_order() -> None:
     heads = {0: FeatureHead(0, 1), 1: FeatureHead(1, 2), 2: ConstHead(0)}
     model, clock, stages, student = build([1.0, 1.0, 1.0], heads=heads, thresholds=[0.9, 0.9, 0.5, 0.5])
     seen: list[int] = []
-    model.primary.stages[2].inner = _RowCounter(seen)
-    model._eager_units()
+    stages[2].inner = _RowCounter(seen)
     x = torch.tensor([[1.0, -1, 0, 0], [-1.0, 1, 0, 0], [-1.0, -1, 0, 0], [1.0, 1, 0, 0]])
     out = model(x)
     assert out.served_by == ["exit_1", "exit_2", "primary", "exit_1"]
@@ -330,11 +327,18 @@ def test_compile_auto_keeps_the_faster_per_module_and_on_uses_compiled() -> None
     assert model(X1).served_by == ["primary"]
 
     model, clock, stages, student = build([0.0], compile="off")
-    model.compile_fn = lambda m: _Slow(m, 0.0)
-    model.policy = ff.Policy(budget_ms=10.0, compile="on")
-    model._sync()
-    assert all(isinstance(u, _Slow) for u in model._units.values())
+    ran: list[str] = []
+
+    class _Ran(_Slow):  # a "compiled" module that says when it runs
+        def forward(self, *a):
+            ran.append(type(self.inner).__name__)
+            return super().forward(*a)
+
+    model.compile_fn = lambda m: _Ran(m, 0.0)
+    assert model(X1).served_by == ["primary"] and ran == []  # compile="off": eager modules
+    model.policy = ff.Policy(budget_ms=10.0, compile="on")  # the next call runs compiled modules
     assert model(X1).served_by == ["primary"]
+    assert {"Identity", "ScriptedDelay", "ConstHead"} <= set(ran)  # the transform, stage_0 and its head ran compiled
 
 
 def test_events_carry_the_audit_fields() -> None:

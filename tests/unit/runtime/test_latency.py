@@ -46,10 +46,11 @@ def test_memory_is_bounded_by_the_window() -> None:
     profile = LatencyProfile(window=32)
     for i in range(10_000):
         profile.record("s", 7, float(i))
-    bucket = profile._buckets["s"][8]
-    assert len(bucket.samples) == len(bucket.ordered) == 32
-    assert bucket.recent() == [float(i) for i in range(10_000 - 32, 10_000)]
-    assert bucket.ordered == sorted(bucket.recent())
+    recent = profile.recent("s", 7)
+    assert recent == [float(i) for i in range(10_000 - 32, 10_000)]  # the last 32, oldest first
+    assert profile.count("s", 7) == 10_000 and profile.recent("s", 9) == []
+    for q in (0.0, 0.5, 0.99, 1.0):
+        assert profile.quantile("s", 7, q) == nearest_rank(sorted(recent), q)
 
 
 def test_quantiles_follow_every_new_sample() -> None:
@@ -110,7 +111,7 @@ def test_round_trip_through_json_keeps_priors_and_samples() -> None:
     assert restored.predict_p99("stage_0", 1) == 30.0
 
     with_samples = LatencyProfile.from_dict(profile.to_dict(include_samples=True))
-    assert with_samples._buckets["stage_0"][1].recent() == pytest.approx(profile._buckets["stage_0"][1].recent())
+    assert with_samples.recent("stage_0", 1) == pytest.approx(profile.recent("stage_0", 1))
 
 
 def test_from_dict_refuses_bad_data() -> None:
@@ -151,10 +152,11 @@ def test_submitted_samples_are_seen_by_every_reader() -> None:
     profile = LatencyProfile(window=64, min_samples=4)
     for ms in [1.0, 2.0, 3.0, 4.0]:
         profile.record("s", 1, ms)
+    v99, v = profile.p99_version, profile.version
     for _ in range(5):
         profile.submit([("s", 1, 2.5)])  # at or below the p99 (4.0): queued
-    assert len(profile._pending) == 5
-    assert profile.count("s") == 9 and not profile._pending  # a read adds the queue first
+    assert (profile.p99_version, profile.version) == (v99, v)  # queued: nothing added yet
+    assert profile.count("s") == 9 and profile.version > v  # a read adds the queue first
     assert profile.p50("s", 1) == 2.5
 
 
@@ -166,14 +168,14 @@ def test_a_sample_above_the_p99_is_added_at_once_and_moves_p99_version() -> None
     profile.submit([("s", 1, 1.5)])
     assert (profile.p99_version, profile.version) == (v99, v)  # queued: nothing moved yet
     profile.submit([("s", 1, 50.0)])  # a stall
-    assert not profile._pending and profile.p99_version == v99 + 1 and profile.version > v
-    assert profile._buckets["s"][1].recent() == [1.0, 2.0, 3.0, 4.0, 1.5, 50.0]  # in submission order
+    assert profile.p99_version == v99 + 1 and profile.version > v  # added at once, the queue with it
+    assert profile.recent("s", 1) == [1.0, 2.0, 3.0, 4.0, 1.5, 50.0]  # in submission order
 
 
 def test_a_bucket_still_filling_adds_every_sample_at_once() -> None:
     profile = LatencyProfile(window=64, min_samples=8)
     profile.submit([("s", 2, 1.0)])
-    assert not profile._pending and profile.p99_version == 1
+    assert profile.version == 1 and profile.p99_version == 1
 
 
 @settings(max_examples=150, deadline=None)

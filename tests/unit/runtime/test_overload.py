@@ -89,13 +89,13 @@ def test_shed_answers_the_default_at_once_and_records_it():
 
 def test_shed_treats_bad_input_as_forward_does():
     spec = InputSpec(shape=(4,), value_range=(-1.0, 1.0))
-    model, _, _, _ = build([1.0], budget_ms=20.0)
-    model.input_spec = spec
+    model, clock, _, _ = build([1.0], budget_ms=20.0)
+    model = model.rebuild(input_spec=spec, clock=clock)
     bad = torch.tensor([[0.0, 0.0, 0.0, 0.0], [float("nan"), 0.0, 0.0, 0.0]])
     with pytest.raises(InvalidInputError):
         model.shed(bad, "busy")
-    lenient, _, _, _ = build([1.0], budget_ms=20.0, on_invalid_input="default", default_class=2)
-    lenient.input_spec = spec
+    lenient, clock, _, _ = build([1.0], budget_ms=20.0, on_invalid_input="default", default_class=2)
+    lenient = lenient.rebuild(input_spec=spec, clock=clock)
     out = lenient.shed(bad, "busy")
     assert out.reason == [R.DEADLINE_PREDICTED, R.INVALID_INPUT] and out.prediction.tolist() == [2, 2]
 

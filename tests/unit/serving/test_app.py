@@ -206,7 +206,8 @@ def test_slow_model_does_not_block_health_checks():
 
 def test_shutdown_closes_the_model_and_its_sinks():
     sink = Sink()
-    model = tiny_model(sinks=[sink], exit_threshold=0.0)  # exit_1 answers: an event per sample
+    model = tiny_model(sinks=[sink])
+    model.gates["primary"].threshold.fill_(float("inf"))  # the student answers: a fallback event per sample
     closed = []
     model.close = lambda timeout_s=0.0: closed.append(timeout_s)
     server = ModelServer(model, "tiny", SETTINGS)
@@ -214,4 +215,4 @@ def test_shutdown_closes_the_model_and_its_sinks():
         assert server.state.ready.wait(60)
         assert client.post("/v2/models/tiny/infer", json=_request(np.ones((3, 4)))).status_code == 200
     assert closed == [SETTINGS.close_timeout_s] and sink.closed
-    assert [e.served_by for e in sink.events] == ["exit_1"] * 3
+    assert [e.served_by for e in sink.events] == ["student"] * 3

@@ -17,7 +17,8 @@ CONFIG = Path(__file__).resolve().parents[3] / "configs" / "serve.yaml"
 
 def test_concurrent_calls_each_get_their_own_budget():
     sink = Sink()
-    model = tiny_model(sinks=[sink], budget_ms=1000.0, exit_threshold=0.0)  # exit_1 answers: one event a sample
+    model = tiny_model(sinks=[sink], budget_ms=1000.0)
+    model.gates["primary"].threshold.fill_(float("inf"))  # the primary never answers: a fallback event a sample
     budgets = RequestBudgets(model)
     asked: dict[str, float] = {}
     lock = threading.Lock()

@@ -46,6 +46,6 @@ def test_multi_exit_loss_weights_every_exit():
     x, y = torch.rand(4, 1, 8, 8) * 16, torch.tensor([0, 1, 2, 3])
     logits = model(x)
     expected = 0.5 * (torch.nn.functional.cross_entropy(logits[0], y) + torch.nn.functional.cross_entropy(logits[3], y))
-    torch.testing.assert_close(module._loss(logits, y), expected)
+    torch.testing.assert_close(module.exit_loss(logits, y), expected)
     with pytest.raises(ValueError, match="exit_weights has 2 entries"):
         MultiExitModule(model, functools.partial(torch.optim.SGD, lr=0.1), 10, exit_weights=[1, 1])
