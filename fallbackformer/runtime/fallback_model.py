@@ -144,6 +144,12 @@ class FallbackModel(nn.Module):
         """
         return self.runtime.serve(x)
 
+    def shed(self, x: torch.Tensor, detail: str) -> FallbackOutput:
+        """Answer ``x`` with the safe default at once, running nothing, recorded like any call (reason
+        ``deadline_predicted``, ``detail`` says why): for a caller that cannot run the model in time, a
+        server over its in-flight bound. Bad input is handled as in :meth:`forward`."""
+        return self.runtime.shed(x, detail)
+
     # ------------------------------------------------------------------ the decisions
 
     @property

@@ -30,6 +30,7 @@ which is polled with ``event.query()``, never synchronised.
 
 from __future__ import annotations
 
+import _thread
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +42,8 @@ import torch
 
 from fallbackformer.runtime.clock import NS_PER_MS, Clock, MonotonicClock, wait_until
 
-__all__ = ["HedgeStatus", "HedgeResult", "Ticket", "DeadlineWorker", "Hedger", "SideStream", "cuda_streams_available"]
+__all__ = ["HedgeStatus", "HedgeResult", "Once", "Ticket", "DeadlineWorker", "Hedger", "SideStream",
+           "cuda_streams_available"]
 
 
 def cuda_streams_available() -> bool:
@@ -83,6 +85,47 @@ class HedgeResult:
 _Callback = Callable[["Ticket"], Any]
 
 
+class Once:
+    """A one-shot event on one raw lock: ``set``, ``is_set`` and ``wait`` like :class:`threading.Event`.
+
+    A hand-off is on every hedged call's path. ``threading.Event`` builds a ``Condition`` (a lock, a
+    waiter list and a new lock per ``wait``, all in Python); this is one ``_thread`` lock held until
+    :meth:`set` releases it, so making, setting and waiting cost a few C calls (about a quarter of an
+    Event's CPU per hand-off on the 2-core benchmark machine). It is set at most once.
+    """
+
+    __slots__ = ("_lock", "_flag")
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        if self._flag:
+            return
+        self._flag = True
+        try:
+            self._lock.release()  # wakes the waiters (each passes the lock on)
+        except RuntimeError:  # (two setters raced: the other released it)
+            pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until set (``True``) or ``timeout`` real seconds passed (``False``); ``None``: no limit."""
+        if self._flag:
+            return True
+        if timeout is None:
+            got = self._lock.acquire()
+        else:
+            got = self._lock.acquire(True, min(max(0.0, timeout), threading.TIMEOUT_MAX))
+        if got:
+            self._lock.release()
+        return self._flag
+
+
 class Ticket:
     """A task handed to a worker: wait for it with a deadline, cancel it, or watch its late end."""
 
@@ -90,13 +133,13 @@ class Ticket:
         self.clock = clock
         self.submitted_ns = clock.now_ns()
         self.finished_ns: int | None = None
-        self.done = threading.Event()
-        self.cancelled = threading.Event()
+        self.done = Once()
+        self.cancelled: Once | threading.Event = Once()  # link_cancel may put the task's own event here
         self.value: Any = None
         self.error: BaseException | None = None
         self.cuda_event: Any = None  # torch.cuda.Event recorded after the task's kernels
         self._callbacks: list[_Callback] = []
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     @property
     def duration_ms(self) -> float | None:
@@ -105,7 +148,7 @@ class Ticket:
             return None
         return (self.finished_ns - self.submitted_ns) / NS_PER_MS
 
-    def link_cancel(self, event: threading.Event) -> None:
+    def link_cancel(self, event: Once | threading.Event) -> None:
         """Make ``event`` (the one the task itself checks) this ticket's cancellation flag."""
         old, self.cancelled = self.cancelled, event
         if old.is_set():
@@ -158,6 +201,10 @@ class Ticket:
 class DeadlineWorker:
     """One persistent daemon thread that runs one task at a time and refuses work while busy.
 
+    The hand-off is one raw lock (``_go``) released by :meth:`submit` and taken by the thread; its
+    state (busy, the task, closed) is guarded by another; the caller waits on the ticket's
+    :class:`Once`. No ``Condition``: every hedged call crosses this twice.
+
     Args:
         clock: the clock of the deadlines (a :class:`FakeClock` is told when the worker is busy).
         name: thread name.
@@ -170,29 +217,33 @@ class DeadlineWorker:
         self.clock = clock or MonotonicClock()
         self.name = name
         self.cuda_stream = cuda_stream
-        self._cond = threading.Condition()
+        self._state = _thread.allocate_lock()  # guards _task, _busy, _current, _closed
+        self._go = _thread.allocate_lock()  # held while there is nothing to do; released to start the thread
+        self._go.acquire()
         self._task: tuple[Ticket, Callable[..., Any], tuple, dict, bool, bool, Any] | None = None
         self._busy = False
         self._current: Ticket | None = None  # the ticket of the task running now
         self._closed = False
+        self._busy_hook = getattr(self.clock, "worker_busy", None)
+        self._idle_hook = getattr(self.clock, "worker_idle", None)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     @property
     def busy(self) -> bool:
         """Whether a task is running (or handed over and not yet finished)."""
-        with self._cond:
-            return self._busy
+        return self._busy
 
     @property
     def stuck(self) -> bool:
         """Whether the task running now was given up by its caller (timed out and cancelled)."""
-        with self._cond:
-            return self._busy and self._current is not None and self._current.cancelled.is_set()
+        with self._state:
+            current = self._current
+            return self._busy and current is not None and current.cancelled.is_set()
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Ticket | None:
         """Start ``fn(*args, **kwargs)`` now, or return ``None`` at once if busy or closed."""
-        with self._cond:
+        with self._state:
             if self._busy or self._closed:
                 return None
             self._busy = True
@@ -211,23 +262,21 @@ class DeadlineWorker:
                 torch.is_inference_mode_enabled(),
                 caller_event,
             )
-            busy = getattr(self.clock, "worker_busy", None)
-            if busy is not None:
-                busy(self._thread.ident)
-            self._cond.notify_all()
-            return ticket
+            if self._busy_hook is not None:
+                self._busy_hook(self._thread.ident)
+        self._go.release()  # (held: the worker was idle, so it is waiting on it or about to)
+        return ticket
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while self._task is None and not self._closed:
-                    self._cond.wait()
-                if self._task is None:
-                    return
+            self._go.acquire()
+            with self._state:
                 task, self._task = self._task, None
+            if task is None:  # closed while idle
+                return
             ticket, fn, args, kwargs, grad, inference, caller_event = task
-            try:
-                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            try:  # (the guard, not the torch.inference_mode wrapper: it is on every hedged call's path)
+                with torch._C._InferenceMode(True) if inference else torch.set_grad_enabled(grad):
                     if self.cuda_stream is None:
                         ticket.value = fn(*args, **kwargs)
                     else:
@@ -241,21 +290,24 @@ class DeadlineWorker:
                 ticket.error = err
             finally:
                 ticket._finish()
-                with self._cond:
+                with self._state:
                     self._busy = False
                     self._current = None
-                    idle = getattr(self.clock, "worker_idle", None)
-                    if idle is not None:
-                        idle(self._thread.ident)
-                    self._cond.notify_all()
+                    closed = self._closed
+                    if self._idle_hook is not None:
+                        self._idle_hook(self._thread.ident)
             # drop the finished task's references while idle (they would keep its model alive)
             task = ticket = fn = args = kwargs = caller_event = None  # type: ignore[assignment]
+            if closed:
+                return
 
     def close(self, timeout_s: float | None = 0.0) -> None:
         """Stop taking work; the thread ends after its current task (joined up to ``timeout_s``)."""
-        with self._cond:
+        with self._state:
+            wake = not self._closed and not self._busy  # an idle thread waits on _go: release it once
             self._closed = True
-            self._cond.notify_all()
+        if wake:
+            self._go.release()
         if timeout_s is None or timeout_s > 0:
             self._thread.join(timeout_s)
 

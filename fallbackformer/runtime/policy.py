@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -14,6 +16,17 @@ HEDGE_MODES = ("off", "auto", "always")
 HEDGE_STARTS = ("deferred", "immediate")
 LARGE_BATCH_ACTIONS = ("split", "raise")
 COMPILE_MODES = ("off", "on", "auto")
+#: ``Policy.max_concurrency``: as many calls as this process has cores to run them on
+CORES = "cores"
+
+
+@functools.cache
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, read once; ``os.cpu_count()`` without one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (no affinity on macOS and Windows)
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -65,9 +78,13 @@ class Policy:
             timed out) is *stuck*; the pool grows by up to this many workers beside stuck ones, so
             healthy calls are not starved by stalls (``stats()["hedge"]["stuck"]`` counts them).
             Beyond that a call does not queue: it falls back at once (reason ``deadline_predicted``).
-        max_concurrency: calls that may be in flight at once on this model (they share the same
-            cores); the excess is served by the student at once (reason ``deadline_predicted``, detail
-            ``over max_concurrency``). ``None``: no limit.
+        max_concurrency: calls that may walk the primary at once on this model (they share the same
+            cores); a call that finds them all taken is served by the student at once (reason
+            ``deadline_predicted``, detail ``over max_concurrency=N``), so a burst costs the excess
+            calls a student's time instead of making every call wait its turn on the cores and miss
+            its deadline. ``"cores"`` (the default): the number of cores this process may run on
+            (:func:`usable_cores`; a bundle keeps ``"cores"``, so it follows the machine it is
+            loaded on). A single caller is never over it. ``None``: no limit.
         max_batch: the largest batch served as one; ``None``: no limit.
         on_large_batch: a batch over ``max_batch`` is ``"split"`` into chunks served one after the
             other under the one deadline (later chunks fall back when time runs out), or refused with
@@ -113,7 +130,7 @@ class Policy:
     hedge_student_start: str = "deferred"
     hedge_workers: int = 2
     hedge_max_stuck: int = 16
-    max_concurrency: int | None = None
+    max_concurrency: int | str | None = CORES
     max_batch: int | None = None
     on_large_batch: str = "split"
     event_queue: int = 1024
@@ -163,8 +180,11 @@ class Policy:
                 raise ValueError(f"Policy.{name} must be an int >= {minimum}; got {v!r}")
         for name in ("max_concurrency", "max_batch"):
             v = getattr(self, name)
+            if name == "max_concurrency" and v == CORES:
+                continue
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"Policy.{name} must be an int >= 1, or None for no limit; got {v!r}")
+                also = f", {CORES!r} (one per core)" if name == "max_concurrency" else ""
+                raise ValueError(f"Policy.{name} must be an int >= 1{also}, or None for no limit; got {v!r}")
         if isinstance(self.breaker, Mapping):  # from a manifest or a Hydra config
             object.__setattr__(self, "breaker", BreakerConfig.from_dict(dict(self.breaker)))
         if self.breaker is not None and not isinstance(self.breaker, BreakerConfig):
@@ -176,6 +196,12 @@ class Policy:
     def effective_hedge_slack_ms(self) -> float:
         """The slack below which ``hedge="auto"`` hedges."""
         return 0.25 * self.budget_ms if self.hedge_slack_ms is None else float(self.hedge_slack_ms)
+
+    @property
+    def concurrency_limit(self) -> int | None:
+        """``max_concurrency`` as a number of calls (``"cores"`` resolved on this machine), ``None``: no limit."""
+        v = self.max_concurrency
+        return usable_cores() if v == CORES else v  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -100,7 +100,7 @@ class Runtime:
         self.breaker: CircuitBreaker | None = breaker
         self._hedgers: dict[str, Hedger | None] = {"primary": None, "student": None}
         self._hedge_calls_left = 0
-        self._in_flight = 0  # calls in flight (counted under max_concurrency)
+        self._in_flight = 0  # calls holding a slot under max_concurrency
         self._bounds: tuple[InputSpec | None, float | None, float | None] | None = None
         self._local: threading.local | None = None  # per-thread policies (policy_override)
         self._ids = itertools.count()
@@ -203,7 +203,8 @@ class Runtime:
         deadline_ns = start_ns + int(policy.budget_ms * NS_PER_MS)
         x = check_batch(x, self.input_spec)
         limit = policy.max_batch
-        over = self._enter(policy)
+        slots = policy.concurrency_limit
+        over = self._enter(slots)
         try:
             if limit is None or x.shape[0] <= limit:
                 out = self._serve(x, policy, start_ns, deadline_ns, over)
@@ -216,19 +217,38 @@ class Runtime:
                 out = join_outputs([self._serve(x[i:i + limit], policy, start_ns, deadline_ns, over)
                                     for i in range(0, x.shape[0], limit)])
         finally:
-            if policy.max_concurrency is not None:
+            if slots is not None and not over:
                 with self._lock:
                     self._in_flight -= 1
         out.latency_ms = (clock.now_ns() - start_ns) / NS_PER_MS
         return out
 
-    def _enter(self, policy: Policy) -> bool:
-        """Count the call in flight; whether it is over ``max_concurrency``."""
-        if policy.max_concurrency is None:
+    def _enter(self, slots: int | None) -> bool:
+        """Take one of ``slots`` (``Policy.concurrency_limit``); whether the call is over it (it then
+        holds none: a semaphore, so that many calls walk the primary at once however many are over)."""
+        if slots is None:
             return False
         with self._lock:
+            if self._in_flight >= slots:
+                return True
             self._in_flight += 1
-            return self._in_flight > policy.max_concurrency
+            return False
+
+    def shed(self, x: torch.Tensor, detail: str) -> FallbackOutput:
+        """The safe default at once, running nothing, recorded like any call (``FallbackModel.shed``)."""
+        start_ns, policy = self.clock.now_ns(), self.policy
+        x = check_batch(x, self.input_spec)
+        seq, b = next(self._ids), x.shape[0]
+        state = RequestState(b, start_ns, start_ns + int(policy.budget_ms * NS_PER_MS), seq, self.steps.live_exits())
+        state.set_reason(self._valid_indices(x, state, policy), R.DEADLINE_PREDICTED, b, only_unset=True)
+        state.add_detail(detail)
+        latency_ms = (self.clock.now_ns() - start_ns) / NS_PER_MS
+        out = state.output(latency_ms, f"{self._id_prefix}-{seq}", default_prediction(policy), x.device)
+        if self.default is not None:
+            apply_default(self, out, x, state)
+        self.records.record(out, state, policy.budget_ms, self.sinks, self.model_hashes, self.governor,
+                            policy.event_queue)
+        return out
 
     def _serve(self, x: torch.Tensor, policy: Policy, start_ns: int, deadline_ns: int, over: bool) -> FallbackOutput:
         """One batch, checked and within ``max_batch``, served by ``deadline_ns``."""
@@ -296,7 +316,7 @@ class Runtime:
         b = x.shape[0]
         if over:  # more calls in flight than the cores can serve on time: the student serves now
             state.set_reason(valid, R.DEADLINE_PREDICTED, b)
-            state.add_detail(f"over max_concurrency={policy.max_concurrency}")
+            state.add_detail(f"over max_concurrency={policy.concurrency_limit}")
             self.records.count_refused()
             return None
         if policy.on_drift == "student" and self.drift.routes(policy):

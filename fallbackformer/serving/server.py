@@ -26,6 +26,8 @@ def build_server(cfg: Any) -> ModelServer:
 
     Config keys (``configs/serve.yaml``): ``bundle`` (required), ``name`` (default: the bundle
     folder's name), ``budget_ms`` (replaces the bundle policy's budget; ``null`` keeps it),
+    ``max_concurrency`` (replaces the policy's: model calls that walk the primary at once, ``cores``
+    by default; the other requests in flight are served by the student at once; ``null`` keeps it),
     ``backend`` (``torch`` or ``onnxruntime``), ``num_threads`` (torch threads), ``audit_log`` (a
     JSONL file for fallback events, or ``null``) and the ``serve`` node (:class:`ServeSettings`).
 
@@ -50,6 +52,9 @@ def build_server(cfg: Any) -> ModelServer:
     budget = _get(cfg, "budget_ms")
     if budget is not None:
         model.policy = dataclasses.replace(model.policy, budget_ms=float(budget))
+    concurrency = _get(cfg, "max_concurrency")
+    if concurrency is not None:  # (Policy checks it: an int >= 1 or "cores")
+        model.policy = dataclasses.replace(model.policy, max_concurrency=concurrency)
     node = _get(cfg, "serve", {}) or {}
     fields = {f.name for f in dataclasses.fields(ServeSettings)}
     items = {k: v for k, v in (node.items() if hasattr(node, "items") else ()) if not str(k).startswith("_")}

@@ -35,7 +35,12 @@ def _expected(x: torch.Tensor) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("policy", [{"hedge": "off"}, {"hedge": "always", "hedge_workers": 2}])
+# No concurrency limit in the first two (max_concurrency=None): 6 threads on 2 cores would otherwise
+# send the calls over the limit to the student, and routing is checked exactly; the third keeps the
+# default limit (one call per core walks the primary) and checks that the excess is recorded.
+@pytest.mark.parametrize("policy", [{"hedge": "off", "max_concurrency": None},
+                                    {"hedge": "always", "hedge_workers": 2, "max_concurrency": None},
+                                    {"hedge": "always", "hedge_workers": 2, "max_concurrency": 1}])
 def test_concurrent_calls_are_answered_right_and_counted_once(policy: dict) -> None:
     model = _model(**policy)
     sink = ListSink()
@@ -75,5 +80,7 @@ def test_concurrent_calls_are_answered_right_and_counted_once(policy: dict) -> N
     assert all(ids.count(i) <= 5 for i in set(ids))  # request ids are unique per call
     if policy["hedge"] == "always":
         assert set(reasons) <= {"low_confidence", "deadline_predicted"}  # refusals only when workers are busy
-        assert stats["hedge"]["submitted"] + stats["hedge"]["refused"] == stats["calls"]
+        over = stats["concurrency_refused"]  # calls over the limit never reach the primary's workers
+        assert stats["hedge"]["submitted"] + stats["hedge"]["refused"] + over == stats["calls"]
+        assert over == 0 if policy["max_concurrency"] is None else reasons["deadline_predicted"] >= over
     model.close()

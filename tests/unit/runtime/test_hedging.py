@@ -167,3 +167,35 @@ def test_side_stream_and_stream_worker_on_gpu() -> None:
     result = hedger.run(lambda: x.sum(), clock.now_ns() + 5_000 * MS)
     assert result.ok and torch.allclose(result.value, x.sum())
     hedger.close()
+
+
+def test_once_is_a_one_shot_event_for_many_waiters() -> None:
+    from fallbackformer.runtime.hedging import Once
+
+    done = Once()
+    assert not done.is_set() and done.wait(0.0) is False and done.wait(0.001) is False
+    woke: list[bool] = []
+    waiters = [threading.Thread(target=lambda: woke.append(done.wait(10.0))) for _ in range(3)]
+    for t in waiters:
+        t.start()
+    done.set()
+    done.set()  # a second set is a no-op
+    for t in waiters:
+        t.join(10.0)
+    assert woke == [True, True, True] and done.is_set() and done.wait() and done.wait(0.0)
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_a_closed_worker_thread_ends_idle_or_after_its_task(busy: bool) -> None:
+    worker = DeadlineWorker(MonotonicClock())
+    gate = threading.Event()
+    ticket = worker.submit(gate.wait, 10.0) if busy else None
+    worker.close(timeout_s=0.0)
+    assert worker.submit(lambda: 1) is None
+    if busy:
+        assert worker.busy and ticket is not None and not ticket.done.is_set()
+        gate.set()
+        assert ticket.done.wait(10.0) and ticket.value is True
+    worker._thread.join(10.0)
+    assert not worker._thread.is_alive() and not worker.busy
+    worker.close(timeout_s=0.0)  # closing again is harmless

@@ -7,6 +7,7 @@ machine they are the machine's, not the runtime's.
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
@@ -19,6 +20,7 @@ from fallbackformer.monitoring.sinks import CallbackSink
 from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.clock import HANG, MonotonicClock
 from fallbackformer.runtime.testing import ConstHead, build
+from fallbackformer.runtime.warm import freeze_heap
 
 pytestmark = pytest.mark.realtime
 
@@ -79,6 +81,11 @@ def _digits_model(**policy) -> ff.FallbackModel:
 def test_8_threads_x_500_calls_keep_the_budget():
     model = _digits_model()
     model.warm_start()
+    # As a serving process does after loading (README, scripts/serve.py): freeze the heap, else a full
+    # collection of this process (pytest and torch: 200,000+ objects, 100-500 ms here) lands inside
+    # the run when the calls in flight have promoted enough objects, and stops every thread at once;
+    # that is the collector's pause, not the runtime's, and no budget survives it.
+    freeze_heap()
     x = torch.rand(1, 1, 8, 8) * 16
     latencies: list[float] = []
     lock = threading.Lock()
@@ -100,6 +107,7 @@ def test_8_threads_x_500_calls_keep_the_budget():
         assert p999 <= BUDGET_MS + 2.0 and worst <= BUDGET_MS + 10.0
     finally:
         model.close(timeout_s=1.0)
+        gc.unfreeze()
 
 
 def test_under_10pct_stalls_of_200ms_the_primary_path_still_serves_most_calls():

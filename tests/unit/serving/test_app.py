@@ -14,7 +14,7 @@ import fallbackformer as ff
 from fallbackformer.serving import ModelServer, ServeSettings
 from tests.unit.serving.conftest import LIFTED_MS, Sink, load_digits, tiny_model
 
-SETTINGS = ServeSettings(workers=2, warm_up_batch=4, warm_up_repeats=2)
+SETTINGS = ServeSettings(workers=2, warm_up_batch=4, warm_up_repeats=2, freeze_gc=False)  # (the test process keeps its heap)
 
 
 def _request(x: np.ndarray | torch.Tensor, nested: bool = False, **params) -> dict:
@@ -142,7 +142,7 @@ def test_bad_requests_get_400_with_the_reason(digits_client, body, expect):
 
 
 def test_body_over_the_limit_gets_413():
-    server = ModelServer(tiny_model(), "tiny", ServeSettings(max_body_bytes=200, warm_up_repeats=1))
+    server = ModelServer(tiny_model(), "tiny", ServeSettings(max_body_bytes=200, warm_up_repeats=1, freeze_gc=False))
     with TestClient(server.app) as client:
         assert server.state.ready.wait(60)
         r = client.post("/v2/models/tiny/infer", json=_request(np.zeros((50, 4))))
