@@ -22,6 +22,8 @@ abstention, a group for a coarse answer).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -83,7 +85,7 @@ def _nan(batch: int, device: torch.device) -> Tensor:
     return torch.full((batch,), math.nan, dtype=torch.float32, device=device)
 
 
-class SafeDefault:
+class SafeDefault(ABC):
     """The interface every typed default keeps (see the module docstring)."""
 
     kind: ClassVar[str] = ""
@@ -91,10 +93,10 @@ class SafeDefault:
     def check(self, num_classes: int) -> None:
         """Raise a ``ValueError`` naming the bad value if this default does not fit ``num_classes`` classes."""
 
+    @abstractmethod
     def answer(self, logits: Tensor, x: Tensor | None = None) -> DefaultAnswer:
         """The default's answer for a batch: ``logits [B, C]`` are the best available (NaN rows where none);
         ``x`` is the raw input (read by a :class:`CallableDefault` only)."""
-        raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able form a manifest stores; :func:`default_from_dict` reads it back."""
