@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -61,10 +62,15 @@ def test_bundle_loads_in_a_fresh_process_without_lightning_or_hydra(tiny_run):
     out, summary, objects = tiny_run
     x = objects["splits"]["test"][0][:64]
     torch.save(x, out / "x.pt")
-    expected = objects["model"](x).prediction
+    # the deadline is lifted on both sides: the comparison is of decisions, not of this machine's load
+    in_process = objects["model"].rebuild()
+    in_process.policy = dataclasses.replace(in_process.policy, budget_ms=1e9)
+    expected = in_process(x).prediction
+    assert (expected >= 0).float().mean() > 0.5, "the tiny system should answer most clean images"
     code = (
-        "import sys, torch, fallbackformer as ff\n"
+        "import dataclasses, sys, torch, fallbackformer as ff\n"
         f"model = ff.load({summary['bundle']!r})\n"
+        "model.policy = dataclasses.replace(model.policy, budget_ms=1e9)\n"
         f"x = torch.load({str(out / 'x.pt')!r}, weights_only=True)\n"
         "out = model(x)\n"
         "heavy = [m for m in ('lightning', 'pytorch_lightning', 'hydra', 'omegaconf') if m in sys.modules]\n"
