@@ -40,6 +40,7 @@ from fallbackformer.rungs.ladder import Rung, check_ladder
 from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.decisions import Decisions, gates_by_name
 from fallbackformer.runtime.events import EventSink
+from fallbackformer.runtime.label_free import label_free_estimator
 from fallbackformer.runtime.latency import LatencyProfile
 from fallbackformer.runtime.output import FallbackOutput
 from fallbackformer.runtime.policy import Policy
@@ -340,7 +341,9 @@ class FallbackModel(nn.Module):
 
         ``changes`` replace constructor arguments (``primary``, ``student``, ``policy``, ``clock``,
         ``sinks``, ``profile``, ...): the one way to derive a timed, sink-free or differently
-        configured copy without dropping a part (the router, say). Counters start afresh.
+        configured copy without dropping a part (the router, say). Counters start afresh. The
+        label-free estimator the model carries (``label_free``, or its bundle's) travels with it, so a
+        copy reports the same estimate (the evaluation's decider is such a copy).
         """
         args: dict[str, Any] = {
             "primary": self.primary, "student": self.student,
@@ -350,7 +353,11 @@ class FallbackModel(nn.Module):
             "cache": None if self.cache is None else self.cache.config, "default": self.runtime.default,
         }
         args.update(changes)
-        return FallbackModel(**args).train(self.training)
+        copy = FallbackModel(**args).train(self.training)
+        estimator = label_free_estimator(self)
+        if estimator is not None:
+            copy.label_free = estimator
+        return copy
 
     def set_rollback(self, on: bool = True) -> None:
         """The rollback switch: ``True`` serves every call by the fallback path (``breaker_open``)."""

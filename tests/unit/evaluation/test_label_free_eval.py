@@ -45,3 +45,24 @@ def test_summary_rows_and_line() -> None:
     assert rows[2][-1] == "NO" and rows[5][-1] == "n/a" and rows[4][1] == "yes"
     assert "within 5 pt of the accuracy of the answered requests on 3/4 sets (0.75); tunable 2/3, held-out 1/1" in \
         label_free_line(entries)
+
+
+def test_the_evaluation_measures_the_estimator_the_model_carries(digits_system) -> None:
+    """The evaluation serves a rebuilt copy (deadline lifted): the copy must carry the fitted estimator,
+    or every report would measure the mean confidence under the fitted method's name."""
+    from fallbackformer.evaluation.shift_eval import evaluate
+
+    model = digits_system.fresh_model()
+    model.label_free = LabelFreeEstimator("doc", params={"reference_accuracy": 1.0, "reference_confidence": 0.5})
+    assert model.rebuild(policy=model.policy).label_free is model.label_free
+    x, y = digits_system.splits["test"]
+    ev = evaluate(model, {"clean": (x[:40], y[:40])}, latency_samples=0, sweep=False, num_threads=1, progress=False)
+    lf = ev.per_set["clean"]["label_free"]  # doc: 1 - (0.5 - the mean confidence of the answered)
+    assert lf["method"] == "doc" and lf["n"] == 40
+    assert lf["estimate"] == pytest.approx(min(1.0, 0.5 + _mean_answered_conf(model, x[:40])))
+
+
+def _mean_answered_conf(model, x) -> float:
+    out = model.rebuild(policy=model.policy)(x)
+    answered = torch.tensor([s != "default" for s in out.served_by])
+    return float(out.confidence[answered].double().mean())

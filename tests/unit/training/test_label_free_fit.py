@@ -8,7 +8,8 @@ import pytest
 from fallbackformer.data.shift import ShiftSuite
 from fallbackformer.runtime.label_free import LabelFreeEstimator, WindowStats, max_softmax
 from fallbackformer.training.label_free_fit import (
-    LabelFreeConfig, Window, choose_method, fit_label_free, fit_method, leave_one_corruption_out,
+    LabelFreeConfig, Requests, Window, choose_method, fit_label_free, fit_method, leave_one_corruption_out, mix_windows,
+    window_of,
 )
 
 FEATURES = ["coverage", "mean_confidence", "pred_max_share", "pred_entropy", "mean_max_softmax", "served:primary"]
@@ -90,3 +91,38 @@ def test_a_fit_on_a_trained_system_draws_only_tunable_corruptions(digits_system,
     assert 0.0 <= est.estimate(window) <= 1.0
     with pytest.raises(ValueError, match="candidates"):
         LabelFreeConfig(candidates=["oracle"])
+
+
+def _served(key: str, group: str, n: int, right: float, rng: np.random.Generator) -> Window:
+    served = tuple(rng.choice(["primary", "exit_1", "default"], size=n, p=[0.5, 0.3, 0.2]))
+    ok = rng.random(n) < right
+    req = Requests(served, np.where(np.array(served) == "default", np.nan, rng.uniform(0.5, 1.0, n)),
+                   np.where(np.array(served) == "default", -1, rng.integers(0, 10, n)), rng.uniform(0.3, 1.0, n), ok)
+    return window_of(key, group, req)
+
+
+def test_mixtures_combine_served_requests_position_by_position() -> None:
+    rng = np.random.default_rng(3)
+    served = [_served("clean", "clean", 60, 0.95, rng)] + [
+        _served(f"{g}/{i}", g, 60, r, rng) for g in ("a", "b") for i, r in enumerate((0.9, 0.5, 0.2))]
+    mixed = mix_windows(served, LabelFreeConfig(mixtures=3, mix_seed=1))
+    assert len(mixed) == 3 * 6 and all(m.mixed and m.corruption in ("a", "b") for m in mixed)
+    assert mix_windows(served, LabelFreeConfig(mixtures=3, mix_seed=1))[5].features == mixed[5].features  # seeded
+    by_key = {w.key: w for w in served}
+    for m in mixed:
+        own, partner = (by_key[k] for k in m.key.split("+"))
+        assert partner.corruption in (own.corruption, "clean")
+        req = m.requests
+        assert len(req.served) == 60  # every position once: from the window itself or from its partner
+        ans = np.array([s != "default" for s in req.served])
+        assert m.accuracy == pytest.approx(req.correct[ans].mean()) and m.n_answered == ans.sum()
+        def rows(r: Requests) -> set:  # (path, max-softmax, class): the max-softmax is never NaN here
+            return set(zip(r.served, r.max_softmax.tolist(), r.prediction.tolist()))
+
+        assert rows(req) <= rows(own.requests) | rows(partner.requests)
+    cfg = LabelFreeConfig(candidates=["mean_confidence", "linear"], mixtures=3)
+    loco = leave_one_corruption_out(served + mixed, ["coverage", "mean_confidence"], cfg)
+    assert loco["linear"]["n"] == 6  # mixtures train the folds; only served windows are scored
+    assert mix_windows(served, LabelFreeConfig(mixtures=0)) == []
+    with pytest.raises(ValueError, match="mixtures"):
+        LabelFreeConfig(mixtures=-1)
