@@ -81,6 +81,8 @@ class AugMixConfig:
             when the :class:`AugMix` is built); ``None``: every tunable name of the suite.
         lambda_jsd: weight of the Jensen-Shannon consistency term in the training loss (read by the
             training modules: ``loss = clean loss + lambda_jsd * JSD(clean, augmix1, augmix2)``).
+        lambda_views: weight of the supervised loss on the two AugMix views (their mean), added to the
+            above; 0 (AugMix's recipe): the views only enter the JSD term.
         seed: seed of the augmentation's own generator.
     """
 
@@ -92,6 +94,7 @@ class AugMixConfig:
     alpha: float = 1.0
     operations: Sequence[str] | None = None
     lambda_jsd: float = 12.0
+    lambda_views: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -111,6 +114,8 @@ class AugMixConfig:
             raise ValueError(f"alpha must be > 0 (Dirichlet/Beta concentration), got {self.alpha}")
         if not self.lambda_jsd >= 0:
             raise ValueError(f"lambda_jsd must be >= 0, got {self.lambda_jsd}")
+        if not self.lambda_views >= 0:
+            raise ValueError(f"lambda_views must be >= 0, got {self.lambda_views}")
 
 
 def _gamma(concentration: float, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
@@ -151,6 +156,11 @@ class AugMix:
     def lambda_jsd(self) -> float:
         """Weight of the JSD consistency term (``config.lambda_jsd``)."""
         return float(self.config.lambda_jsd)
+
+    @property
+    def lambda_views(self) -> float:
+        """Weight of the supervised loss on the AugMix views (``config.lambda_views``)."""
+        return float(self.config.lambda_views)
 
     def reset(self, seed: int | None = None) -> None:
         """Re-seed the own generator (with ``config.seed`` when ``seed`` is None)."""

@@ -2,7 +2,9 @@
 
 With an :class:`~fallbackformer.data.augment.AugMix` augmentation the loss is the Hinton loss on the
 clean view (teacher on the clean images) plus ``lambda_jsd`` times the Jensen-Shannon consistency of
-the student over (clean, augmix1, augmix2).
+the student over (clean, augmix1, augmix2). With ``lambda_views > 0`` the Hinton loss on each AugMix
+view (against the teacher's logits on the clean image: the corruption does not change the label) is
+added, their mean weighted by ``lambda_views``.
 """
 
 from __future__ import annotations
@@ -98,9 +100,14 @@ class DistillModule(L.LightningModule):
         else:
             views = torch.cat([x, *self.augment.views(x, 2)])  # [3B, 1, 8, 8]: clean, aug1, aug2
             logits = self.student(views)  # [3B, C]
-            distill = hinton_loss(logits[: x.shape[0]], teacher_logits, y, self.temperature, self.alpha)
-            jsd = jensen_shannon(*logits.chunk(3))
+            clean, aug1, aug2 = logits.chunk(3)
+            distill = hinton_loss(clean, teacher_logits, y, self.temperature, self.alpha)
+            jsd = jensen_shannon(clean, aug1, aug2)
             loss = distill + self.augment.lambda_jsd * jsd
+            if self.augment.lambda_views > 0:
+                on_views = sum(hinton_loss(v, teacher_logits, y, self.temperature, self.alpha) for v in (aug1, aug2)) / 2
+                loss = loss + self.augment.lambda_views * on_views
+                self.log("train/distill_views", on_views, sync_dist=True)
             self.log("train/jsd", jsd, sync_dist=True)
         self.log("train/distill_loss", loss, prog_bar=True, sync_dist=True)
         return loss

@@ -3,7 +3,8 @@
 With an :class:`~fallbackformer.data.augment.AugMix` augmentation, each training batch also gets two
 AugMix views; the loss is the exits' cross-entropy on the clean view plus ``lambda_jsd`` times the
 Jensen-Shannon consistency over (clean, augmix1, augmix2), applied on EVERY exit with the same exit
-weights (each exit answers on its own at serving time, so each should be robust on its own).
+weights (each exit answers on its own at serving time, so each should be robust on its own). With
+``lambda_views > 0`` the exits' cross-entropy on the two views (their mean) is added with that weight.
 """
 
 from __future__ import annotations
@@ -79,9 +80,14 @@ class MultiExitModule(L.LightningModule):
         else:
             views = torch.cat([x, *self.augment.views(x, 2)])  # [3B, 1, 8, 8]: clean, aug1, aug2
             all_logits = self.model(views)  # per exit [3B, C]
-            ce = self.exit_loss([lg[: x.shape[0]] for lg in all_logits], y)
+            chunks = list(zip(*(lg.chunk(3) for lg in all_logits)))  # (clean, aug1, aug2), each per exit
+            ce = self.exit_loss(list(chunks[0]), y)
             jsd = self._jsd(all_logits)
             loss = ce + self.augment.lambda_jsd * jsd
+            if self.augment.lambda_views > 0:
+                views_ce = (self.exit_loss(list(chunks[1]), y) + self.exit_loss(list(chunks[2]), y)) / 2
+                loss = loss + self.augment.lambda_views * views_ce
+                self.log("train/ce_views", views_ce, sync_dist=True)
             self.log("train/ce", ce, sync_dist=True)
             self.log("train/jsd", jsd, sync_dist=True)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)

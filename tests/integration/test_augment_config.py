@@ -33,3 +33,9 @@ def test_the_default_is_augmix_and_none_turns_it_off():
     off = _compose(["augment=none"])
     assert off.augment._target_ == "fallbackformer.data.augment.NoAugmentation"
     assert build_augmentation(off) is None
+
+
+def test_augmix_views_is_augmix_plus_the_loss_on_the_views():
+    plain, views = build_augmentation(_compose(["augment=augmix"])), build_augmentation(_compose(["augment=augmix_views"]))
+    assert plain.lambda_views == 0.0 and views.lambda_views == 1.0  # the default recipe keeps the views out of the CE
+    assert {**vars(views.config), "lambda_views": 0.0} == vars(plain.config)

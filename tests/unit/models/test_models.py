@@ -47,6 +47,22 @@ def test_digits_models_read_the_raw_input_and_exit_in_order():
     assert n_student < n_primary / 2
 
 
+def test_the_cnn_student_reads_the_raw_input_at_a_small_fraction_of_the_primarys_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    primary, student = ff.create_model("digits_cnn_exits").eval(), ff.create_model("digits_cnn_student").eval()
+    x = torch.rand(5, 1, 8, 8) * 16
+    assert student(x).shape == (5, 10) and "digits_cnn_student" in ff.list_models()
+
+    def count(m):
+        with FlopCounterMode(display=False) as fc:
+            m(x[:1])
+        return fc.get_total_flops()
+
+    assert count(student) == 168448 and count(primary) == 2492672  # 6.8% of the primary's FLOPs at width 16
+
+
 def test_transforms_are_part_of_the_model():
     t = ScaleShift(16.0, mean=0.5, std=0.25)
     torch.testing.assert_close(t(torch.tensor([0.0, 8.0, 16.0])), torch.tensor([-2.0, 0.0, 2.0]))

@@ -105,3 +105,34 @@ def test_tuning_robustness_scores_both_models_and_refuses_held_out():
         assert set(r) == {"clean", "tunable", "worst"} and all(0.0 <= v <= 1.0 for v in r.values())
     with pytest.raises(ValueError, match="held-out"):
         tuning_robustness({"primary": primary}, x, y, names=["rotate", "fog"])
+
+
+def test_lambda_views_adds_the_supervised_loss_on_the_two_views():
+    """Primary: + lambda_views * mean exit CE on (aug1, aug2); student: + lambda_views * mean Hinton loss on them."""
+    from fallbackformer.training.distill_module import hinton_loss
+
+    torch.manual_seed(0)
+    model = ff.create_model("digits_cnn_exits", num_classes=10, width=4, image_size=8).eval()
+    student = ff.create_model("digits_cnn_student", num_classes=10, width=4).eval()
+    x, y = _batch(8)
+    losses = {}
+    for lv in (0.0, 0.5):
+        aug = AugMix(AugMixConfig(seed=0, lambda_jsd=1.0, lambda_views=lv))
+        primary_module = MultiExitModule(model, functools.partial(torch.optim.Adam), num_classes=10, augment=aug)
+        distill_module = DistillModule(student, model, functools.partial(torch.optim.Adam), num_classes=10, augment=aug)
+        primary_module.log = distill_module.log = lambda *a, **k: None
+        aug.reset()
+        p = float(primary_module.training_step((x, y), 0).detach())
+        aug.reset()
+        s = float(distill_module.training_step((x, y), 0).detach())
+        losses[lv] = (p, s)
+    aug.reset()
+    v1, v2 = aug.views(x, 2)
+    with torch.no_grad():
+        ce = [primary_module.exit_loss(model(v), y) for v in (v1, v2)]
+        teacher = model(x)[-1]
+        hl = [hinton_loss(student(v), teacher, y, 4.0, 0.7) for v in (v1, v2)]
+    assert losses[0.5][0] == pytest.approx(losses[0.0][0] + 0.5 * float(sum(ce)) / 2, rel=1e-5)
+    assert losses[0.5][1] == pytest.approx(losses[0.0][1] + 0.5 * float(sum(hl)) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="lambda_views"):
+        AugMixConfig(lambda_views=-1.0)
