@@ -29,7 +29,7 @@ from fallbackformer.models.classical import transform_spec_of
 from fallbackformer.rungs import CacheConfig, Rung, SafeDefault
 from fallbackformer.training.rung_fit import TREE_KINDS, fit_linear_rung, fit_tree_rung
 
-__all__ = ["LadderConfig", "Ladder", "RungSpec", "build_ladder"]
+__all__ = ["LadderConfig", "Ladder", "RungSpec", "build_ladder", "fit_rung"]
 
 RUNG_KINDS = ("linear",) + TREE_KINDS
 
@@ -93,7 +93,8 @@ class Ladder:
         return {"fallbacks": self.fallbacks, "veto": self.veto, "cache": self.cache, "default": self.default}
 
 
-def _fit(spec: RungSpec, primary: nn.Module, x_train: Tensor, transform: Mapping[str, Any]) -> nn.Module:
+def fit_rung(spec: RungSpec, primary: nn.Module, x_train: Tensor, transform: Mapping[str, Any] | None) -> nn.Module:
+    """The torch model of rung ``spec`` fitted on the primary's answers on ``x_train`` (read through ``transform``)."""
     if spec.kind == "linear":
         return fit_linear_rung(primary, x_train, transform=transform, **dict(spec.fit)).module
     return fit_tree_rung(primary, x_train, kind=spec.kind, transform=transform, **dict(spec.fit)).module
@@ -133,7 +134,7 @@ def build_ladder(config: LadderConfig, primary: nn.Module, student: nn.Module,
     x_gate, y_gate, where = gate_data(splits, router_cfg, suite)
     fallbacks, report = [], {"gates_calibrated_on": where, "n_gate": int(y_gate.shape[0]), "rungs": {}}
     for spec in config.rungs:
-        module = _fit(spec, primary, x_train, transform)
+        module = fit_rung(spec, primary, x_train, transform)
         logits = torch.cat([module(xb) for xb in x_gate.split(512)])
         gate = ConfidenceGate.calibrate(logits, y_gate, alpha=config.alpha, delta=config.delta,
                                         method=config.method, score=config.score)
