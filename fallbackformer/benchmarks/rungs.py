@@ -4,8 +4,8 @@ Contenders, each alone on the same clean test samples: the primary alone (its st
 :func:`~fallbackformer.benchmarks.common.bare`: the named peer every ratio is taken against), the
 student, each further model rung of the ladder (a forest, a linear model, ...) and a lookup in the
 response cache. The model rungs are the system's own when it has a ladder (a bundle saved with one),
-else they are fitted here on the primary exactly as the ladder step fits them
-(:func:`~fallbackformer.training.ladder_step.fit_rung`, the section's ``fit`` list). The cache is a
+else the rungs of the config's ``ladder`` node (``configs/ladder/default.yaml``) are fitted here on the
+primary exactly as the ladder step fits them (:func:`~fallbackformer.training.ladder_step.fit_rung`). The cache is a
 :class:`~fallbackformer.rungs.ResponseCache` holding the primary's answers on those samples, so every
 lookup hits (hashing each row's bytes and one dictionary probe per row: a miss costs the same).
 Figures are a rung's cost alone; in the ladder a rung runs only for the samples that reach it.
@@ -33,15 +33,14 @@ PEER = "primary"
 CACHE_LOOKUP = "cache_lookup"
 
 
-def fitted_rungs(cfg: Any, primary: nn.Module, student: nn.Module, x_train: Tensor) -> dict[str, nn.Module]:
-    """The section's ``fit`` list (``[{name, kind, fit}]``, as in ``configs/experiment/ladder.yaml``) fitted
-    on the primary's answers on ``x_train``, read through the student's feature transform."""
+def fitted_rungs(specs: Any, primary: nn.Module, student: nn.Module, x_train: Tensor) -> dict[str, nn.Module]:
+    """The rungs ``specs`` (``[{name, kind, fit}]``, a ladder config's ``rungs``) fitted on the primary's
+    answers on ``x_train``, read through the student's feature transform."""
     from fallbackformer.models.classical import transform_spec_of
     from fallbackformer.training.ladder_step import RungSpec, fit_rung
 
     transform = transform_spec_of(getattr(student, "input_transform", None))
-    specs = [RungSpec(str(get(s, "name")), str(get(s, "kind")), dict(get(s, "fit", {}) or {}))
-             for s in get(cfg, "fit", [])]
+    specs = [RungSpec(str(get(s, "name")), str(get(s, "kind")), dict(get(s, "fit", {}) or {})) for s in specs]
     return {spec.name: fit_rung(spec, primary, x_train, transform).eval() for spec in specs}
 
 
@@ -62,7 +61,8 @@ def bench_rungs(ctx: BenchmarkContext) -> dict[str, Any]:
     system = ctx.system
     primary, student = system["primary"].eval(), system["student"].eval()
     own = {r.name: r.module.eval() for r in system.get("fallbacks") or []}
-    rungs = own or fitted_rungs(cfg, primary, student, system["splits"]["train"][0])
+    specs = get(get(ctx.root, "ladder", {}), "rungs", [])
+    rungs = own or fitted_rungs(specs, primary, student, system["splits"]["train"][0])
     pool = system["splits"]["test"][0][:64]
     out: dict[str, Any] = {"peer": PEER, "rounds": rounds, "inner": inner, "rungs": list(rungs),
                            "rungs_from": "the system's ladder" if own else "fitted by the benchmark"}

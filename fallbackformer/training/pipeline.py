@@ -181,10 +181,10 @@ def fit_ladder_step(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
     """
     if not cfg.get("ladder"):
         return None, {}
-    from fallbackformer.training.ladder_step import LadderConfig, build_ladder
+    from fallbackformer.training.ladder_step import build_ladder
 
     router_cfg = instantiate(cfg.router) if cfg.get("router") else None
-    ladder = build_ladder(LadderConfig(**instantiate(cfg.ladder, _convert_="all")), primary, student, splits,
+    ladder = build_ladder(instantiate(cfg.ladder, _convert_="all"), primary, student, splits,
                           router_cfg, check_shift_suite(suite) if router_cfg is not None else None)
     return ladder, ladder.report
 

@@ -16,9 +16,9 @@ from fallbackformer.benchmarks.rungs import CACHE_LOOKUP, PEER
 from fallbackformer.rungs import Rung
 
 
-def _cfg(tmp_path: Path, fit: list[dict]) -> dict:
-    return {"out_dir": str(tmp_path), "num_threads": 1,
-            "benchmark": {"sections": ["rungs"], "rungs": {"rounds": 2, "inner": 2, "fit": fit}}}
+def _cfg(tmp_path: Path, rungs: list[dict]) -> dict:
+    return {"out_dir": str(tmp_path), "num_threads": 1, "ladder": {"rungs": rungs},
+            "benchmark": {"sections": ["rungs"], "rungs": {"rounds": 2, "inner": 2}}}
 
 
 def _system(digits_system, fallbacks=None) -> dict:
@@ -26,7 +26,7 @@ def _system(digits_system, fallbacks=None) -> dict:
             "splits": digits_system.splits, "input_spec": digits_system.model.input_spec, "fallbacks": fallbacks}
 
 
-def test_rungs_fitted_on_the_primary_when_the_system_has_no_ladder(digits_system, tmp_path: Path) -> None:
+def test_the_configs_rungs_fitted_on_the_primary_when_the_system_has_no_ladder(digits_system, tmp_path: Path) -> None:
     fit = [{"name": "tree", "kind": "decision_tree", "fit": {"max_depth": 3, "seed": 0}}]
     results, _ = run_benchmark(_cfg(tmp_path, fit), system=_system(digits_system))
     r = json.loads((tmp_path / "benchmark.json").read_text())["rungs"]
@@ -46,7 +46,7 @@ def test_rungs_fitted_on_the_primary_when_the_system_has_no_ladder(digits_system
 
 def test_a_system_with_a_ladder_brings_its_own_rungs(digits_system, tmp_path: Path) -> None:
     own = [Rung("mirror", digits_system.student)]  # any model rung: the section times what the system holds
-    results, _ = run_benchmark(_cfg(tmp_path, fit=[{"name": "never", "kind": "linear"}]),
+    results, _ = run_benchmark(_cfg(tmp_path, [{"name": "never", "kind": "linear"}]),
                                system=_system(digits_system, own))
     r = results["rungs"]
     assert r["rungs"] == ["mirror"] and r["rungs_from"] == "the system's ladder"
