@@ -58,7 +58,10 @@ def ladder_gates(primary: MultiExitNet, gates: Sequence[ConfidenceGate] | Mappin
     if not isinstance(primary, MultiExitNet):  # (Decisions says how to wrap it)
         return gates if isinstance(gates, Mapping) else list(gates)
     names = primary.exit_names + [R.STUDENT]
-    own = gates_by_name(gates, names)
+    given = dict(gates) if isinstance(gates, Mapping) else None
+    if given is not None:  # a mapping may also hold the rungs' gates (model.gates as it is): they replace the rungs'
+        rungs = [Rung(r.name, r.module, given.pop(r.name)) if r.name in given else r for r in rungs]
+    own = gates_by_name(given if given is not None else gates, names)
     for rung in rungs:
         if rung.gate is None:
             raise ValueError(f"rung {rung.name!r} has no gate; give it one calibrated on held-out data: "

@@ -212,3 +212,18 @@ def test_stats_count_every_rung_as_a_fallback():
     off_primary = sum(s not in model.primary.exit_names for s in out.served_by)
     assert stats["fallback_rate"] == pytest.approx(off_primary / 100)
     assert dataclasses.asdict(model.policy)["hedge"] == "off"
+
+
+def test_a_vetoed_fallback_keeps_its_trigger_and_rebuild_takes_every_paths_gates():
+    """The rollback switch sends every sample to the student; the veto then refuses some of its answers, and
+    those keep breaker_open (why they left the primary's path). model.gates as it is rebuilds the ladder."""
+    model = _ladder(veto=("tree", "linear"))
+    same = model.rebuild(gates={n: model.gates[n] for n in model.path_names})
+    assert [r.gate for r in same.fallbacks] == [r.gate for r in model.fallbacks]
+    plain = _ladder()
+    model.set_rollback(True)
+    plain.set_rollback(True)
+    x = _inputs(200)
+    out, unvetoed = model(x), plain(x)
+    assert set(out.reason) == {R.BREAKER_OPEN}
+    assert out.served_by.count("student") < unvetoed.served_by.count("student")  # the veto refused some
