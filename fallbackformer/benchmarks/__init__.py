@@ -11,6 +11,8 @@ from the JSON). One module per section:
 ``early_exit``   per-sample exits against the full primary, gated and routed (:mod:`.early_exit`).
 ``compile``      eager against ``compile="auto"`` (:mod:`.compiled`).
 ``onnxruntime``  onnxruntime against the PyTorch runtime (:mod:`.ort`).
+``rungs``        each rung of the ladder alone (student, classical rungs, a cache lookup), b1 and b64,
+                 against the primary alone (:mod:`.rungs`).
 
 More sections: :data:`SECTION_PROVIDERS` and :func:`register_section`. The machine is noisy (shared
 cores): every comparison interleaves its contenders round by round and reports medians of per-round

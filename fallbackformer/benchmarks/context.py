@@ -1,7 +1,8 @@
 """What every section gets: its config, the machine, and the system under test (built on first use).
 
-The system is ``{"primary", "student", "gates", "splits", "input_spec", "router"}``: loaded from a
-bundle (``cfg.bundle``) or trained with the run pipeline's functions on the configured datamodule.
+The system is ``{"primary", "student", "gates", "splits", "input_spec", "router"}`` (and a bundle's
+ladder rungs after the student, ``"fallbacks"``): loaded from a bundle (``cfg.bundle``) or trained
+with the run pipeline's functions on the configured datamodule.
 Its input spec comes from the bundle, else from ``cfg.input_spec``, else from the training split
 (shape and observed value range). Its router comes from the bundle when it has one, else it is
 fitted and certified on the datamodule's splits exactly as the training pipeline does
@@ -118,7 +119,7 @@ def build_system(cfg: Any) -> dict[str, Any]:
         return {"primary": model.primary, "student": model.student,
                 "gates": [model.gates[n] for n in model.path_names], "splits": datamodule.splits,
                 "input_spec": model.input_spec, "router": getattr(model, "router", None),
-                "source": f"bundle {bundle}"}
+                "fallbacks": model.fallbacks, "source": f"bundle {bundle}"}
     from fallbackformer.training.calibration import calibrate_gates
     from fallbackformer.training.pipeline import distill_student, train_primary
 

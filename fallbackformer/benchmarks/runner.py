@@ -20,6 +20,7 @@ from fallbackformer.benchmarks.evidence import bench_evidence
 from fallbackformer.benchmarks.ort import bench_onnxruntime
 from fallbackformer.benchmarks.overhead import bench_overhead
 from fallbackformer.benchmarks.report import write_markdown
+from fallbackformer.benchmarks.rungs import bench_rungs
 from fallbackformer.common.jsonsafe import dumps
 from fallbackformer.common.timing import Stopwatch
 
@@ -37,6 +38,7 @@ SECTIONS: dict[str, Section] = {
     "early_exit": bench_early_exit,
     "compile": bench_compile,
     "onnxruntime": bench_onnxruntime,
+    "rungs": bench_rungs,
 }
 
 #: Sections implemented elsewhere: ``name -> "module:function"``; the function takes the

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from fallbackformer.common.jsonsafe import json_float
 from fallbackformer.export import bundle_io
 from fallbackformer.export.bundle_load import BACKENDS, compare_state, load, read_manifest, verify_files
 from fallbackformer.export.manifest import (
@@ -294,7 +295,7 @@ def _ladder_entry(model: "FallbackModel") -> dict[str, Any] | None:
         entry = _registry_entry(rung.module, f"rung {rung.name}")
         _check_rebuild(entry, _state_for_file(rung.module), f"rung {rung.name}")
         entries.append({"name": rung.name, **entry, "file": rung_file(rung.name)})
-    return {"rungs": entries, "veto": list(model.veto),
+    return {"rungs": entries, "veto": list(model.veto), "veto_below": json_float(model.veto_below),
             "cache": None if cache is None else _json_safe(cache.config.to_dict(), "ladder.cache"),
             "default": None if default is None else _json_safe(default.to_dict(), "ladder.default")}
 

@@ -282,7 +282,7 @@ def load(
 
 def _load_ladder(path: Path, manifest: Manifest, blobs: Mapping[str, bytes]) -> dict[str, Any]:
     """The ``FallbackModel`` arguments of the manifest's ladder: rungs (weights from their files, gates from
-    ``gates``), veto, cache config, typed default; nothing for the single-student form."""
+    ``gates``), veto and its level, cache config, typed default; nothing for the single-student form."""
     ladder = manifest.ladder
     if ladder is None:
         return {}
@@ -290,7 +290,8 @@ def _load_ladder(path: Path, manifest: Manifest, blobs: Mapping[str, bytes]) -> 
 
     rungs = [Rung(name, load_entry(path, entry, f"rung {name}", blobs[entry.file]), manifest.gates.pop(name, None))
              for name, entry in ladder["rungs"]]
-    return {"fallbacks": rungs, "veto": ladder["veto"], "cache": ladder["cache"], "default": ladder["default"]}
+    return {"fallbacks": rungs, "veto": ladder["veto"], "veto_below": ladder["veto_below"], "cache": ladder["cache"],
+            "default": ladder["default"]}
 
 
 def _load_router(path: Path, manifest: Manifest, blobs: Mapping[str, bytes]) -> Any:

@@ -258,10 +258,12 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
 def _parse_ladder(ctx: _Ctx, raw: Mapping[str, Any], files: Mapping[str, FileEntry],
                   paths: list[str]) -> dict[str, Any] | None:
     """The optional ``ladder`` field: rungs after the student (a registry entry and a weights file each;
-    their gates sit in ``gates`` under their names), the veto, the cache's config, the typed default.
+    their gates sit in ``gates`` under their names), the veto and the confidence below which it reviews
+    answers, the cache's config, the typed default.
 
-    ``{"rungs": [{"name", "registry_name", "registry_kwargs", "file"}], "veto": [names],
-    "cache": CacheConfig.to_dict() | null, "default": SafeDefault.to_dict() | null}``; all data, no code.
+    ``{"rungs": [{"name", "registry_name", "registry_kwargs", "file"}], "veto": [names], "veto_below":
+    number | "inf" (absent: "inf"), "cache": CacheConfig.to_dict() | null, "default": SafeDefault.to_dict()
+    | null}``; all data, no code.
     """
     section = ctx.get(raw, "ladder", "ladder", dict, optional=True)
     if section is None:
@@ -269,9 +271,10 @@ def _parse_ladder(ctx: _Ctx, raw: Mapping[str, Any], files: Mapping[str, FileEnt
     from fallbackformer.rungs.cache import CacheConfig
     from fallbackformer.rungs.defaults import default_from_dict
 
-    unknown = sorted(set(section) - {"rungs", "veto", "cache", "default"})
+    unknown = sorted(set(section) - {"rungs", "veto", "veto_below", "cache", "default"})
     if unknown:
-        raise ctx.fail(f"ladder.{unknown[0]}", "is not a ladder field", "the ladder holds rungs, veto, cache, default")
+        raise ctx.fail(f"ladder.{unknown[0]}", "is not a ladder field",
+                       "the ladder holds rungs, veto, veto_below, cache, default")
     rungs = []
     for i, rung in enumerate(ctx.get(section, "rungs", "ladder.rungs", list)):
         fld = f"ladder.rungs[{i}]"
@@ -288,9 +291,13 @@ def _parse_ladder(ctx: _Ctx, raw: Mapping[str, Any], files: Mapping[str, FileEnt
     veto = ctx.get(section, "veto", "ladder.veto", list)
     if not all(isinstance(v, str) for v in veto):
         raise ctx.fail("ladder.veto", f"is {_show(veto)}, expected a list of rung names")
+    below = ctx.get(section, "veto_below", "ladder.veto_below", (int, float, str), optional=True)
+    below = math.inf if below is None else _call(ctx, "ladder.veto_below", parse_json_float, below)
+    if not below > 0:
+        raise ctx.fail("ladder.veto_below", f"is {_show(below)}, expected a confidence level > 0 or \"inf\"")
     cache = ctx.get(section, "cache", "ladder.cache", dict, optional=True)
     default = ctx.get(section, "default", "ladder.default", dict, optional=True)
-    return {"rungs": rungs, "veto": list(veto),
+    return {"rungs": rungs, "veto": list(veto), "veto_below": below,
             "cache": None if cache is None else _call(ctx, "ladder.cache", CacheConfig.from_dict, cache),
             "default": None if default is None else _call(ctx, "ladder.default", default_from_dict, default)}
 

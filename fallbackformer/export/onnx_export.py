@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fallbackformer.export.graph import OUTPUT_NAMES, VARIANTS, CombinedGraph, served_by_codes
+from fallbackformer.runtime import reasons as R
 from fallbackformer.runtime.clock import median_ms
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -263,14 +264,18 @@ def reference_runtime(model: "FallbackModel") -> "FallbackModel":
 
 
 def runtime_decisions(model: "FallbackModel", x: Tensor) -> dict[str, Tensor]:
-    """The PyTorch runtime's answer as the graph's four tensors (served_by as codes)."""
+    """The PyTorch runtime's answer as the graph's four tensors (served_by as codes). A row the default
+    serves has no confidence there: the graph leaves a typed default's (a coarse set's mass, say) out."""
     ref = reference_runtime(model)
     codes = {n: i for i, n in enumerate(served_by_codes(model.path_names))}
     out = ref(x)
+    served = torch.tensor([codes[s] for s in out.served_by], dtype=torch.long)
+    confidence = out.confidence.float().cpu().clone()
+    confidence[served == codes[R.DEFAULT]] = float("nan")
     return {
         "prediction": out.prediction.cpu(),
-        "served_by": torch.tensor([codes[s] for s in out.served_by], dtype=torch.long),
-        "confidence": out.confidence.float().cpu(),
+        "served_by": served,
+        "confidence": confidence,
         "logits": out.logits.float().cpu(),
     }
 

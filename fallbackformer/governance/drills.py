@@ -225,7 +225,8 @@ def _rung_disagreement(ctx: DrillContext) -> tuple[FallbackOutput, dict[str, Any
 
     loaded, clock = ctx.model()
     rung = Rung("contrarian", _Contrarian(loaded.primary), ConfidenceGate(threshold=math.inf))
-    model = loaded.rebuild(router=None, fallbacks=[rung], veto=["contrarian"], clock=clock, sinks=ctx.sinks)
+    model = loaded.rebuild(router=None, fallbacks=[rung], veto=["contrarian"], veto_below=math.inf, clock=clock,
+                           sinks=ctx.sinks)  # the veto reviews every answer, whatever level the bundle's ladder has
     model.model_hashes = loaded.model_hashes
     ctx.cleanups.append(lambda: model.close(timeout_s=1.0))
     for name in model.primary.exit_names[:-1]:  # the final head answers every sample ...

@@ -15,9 +15,11 @@ Two ways to run it:
 
 The fallback rungs are a sequence, the ladder: the student first, then any named rungs (classical
 models, reduced-input students) tried in order, each with its own gate. With a router, the router
-judges the student; the rungs after it keep their gates, and the veto applies as without one. An optional agreement veto (``veto``, the
-names of rungs) keeps an answer of the primary's path or the student only where at least one of
-those rungs predicts the same class; a vetoed answer goes down the ladder (``rung_disagreement``).
+judges the student; the rungs after it keep their gates, and the veto applies as without one. An
+optional agreement veto (``veto``, the names of rungs) keeps an answer of the primary's path or the
+student whose confidence is below ``veto_below`` (the router's probability that it is right, or the
+gate's calibrated confidence; ``inf``: every answer) only where at least one of those rungs predicts
+the same class; a vetoed answer goes down the ladder (``rung_disagreement``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Decisions(nn.Module):
             names only the student).
         veto: names of fallback rungs (after the student) whose agreement an answer of the primary's
             path or the student needs; empty: no veto.
+        veto_below: the veto reviews only answers whose confidence is below this level (``inf``: all).
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class Decisions(nn.Module):
         router: Router | None = None,
         fallback_names: Sequence[str] | None = None,
         veto: Sequence[str] = (),
+        veto_below: float = math.inf,
     ) -> None:
         super().__init__()
         if not isinstance(primary, MultiExitNet):
@@ -100,6 +104,8 @@ class Decisions(nn.Module):
         veto = list(veto)
         if not set(veto) <= set(names[1:]) or len(set(veto)) != len(veto):
             raise ValueError(f"veto {veto} must name distinct rungs of the ladder after the student: {names[1:]}")
+        if isinstance(veto_below, bool) or not isinstance(veto_below, (int, float)) or not veto_below > 0:
+            raise ValueError(f"veto_below={veto_below!r} must be a confidence level > 0 (inf: the veto reviews every answer)")
         if router is not None and router.num_exits != primary.num_exits:
             raise ValueError(f"the router routes {router.num_exits} heads; the primary has {primary.num_exits}. "
                              "Fit the router on this primary")
@@ -109,6 +115,8 @@ class Decisions(nn.Module):
         self.fallback_names: list[str] = names
         #: the rungs whose agreement an answer of the primary's path or the student needs (empty: no veto)
         self.veto: tuple[str, ...] = tuple(veto)
+        #: the veto reviews only answers whose confidence is below this level (inf: every answer)
+        self.veto_below = float(veto_below)
         #: every path in order: the exits (the primary's final head last), then the fallback rungs
         self.path_names: list[str] = primary.exit_names + self.fallback_names
         self.gates = nn.ModuleDict(gates_by_name(gates, self.path_names))
@@ -184,30 +192,31 @@ class Decisions(nn.Module):
             alive, to_student, answer = self.after_exit(k, k == last, logits, alive, to_student, answer)
             k += 1
         rung_logits = [rung(x) for rung in self.fallbacks]  # [B, C] each
-        agree = self.agreement(rung_logits)
-        if agree is not None:  # primary-path answers without a vetoing rung's agreement go down the ladder
+        refuse = self.refusal(rung_logits)
+        if refuse is not None:  # primary-path answers without a vetoing rung's agreement go down the ladder
             served = answer[1] < self.primary.num_exits
-            vetoed = served & ~agree(answer[0])
+            vetoed = served & refuse(answer[0], answer[2])
             answer = untake(vetoed, len(self.path_names), default_prediction, answer)
             to_student = to_student | vetoed
-        return self.down_the_ladder(to_student, rung_logits, answer, agree, 0)
+        return self.down_the_ladder(to_student, rung_logits, answer, refuse, 0)
 
-    def agreement(self, rung_logits: Sequence[Tensor]) -> Callable[[Tensor], Tensor] | None:
-        """``prediction [B] -> [B]``: whether a vetoing rung predicts the same class; ``None`` without a veto."""
+    def refusal(self, rung_logits: Sequence[Tensor]) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """``(prediction [B], confidence [B]) -> [B]``: whether the veto refuses the answer (its confidence
+        is below :attr:`veto_below` and no vetoing rung predicts the same class); ``None`` without a veto."""
         if not self.veto:
             return None
         votes = [rung_logits[self.fallback_names.index(n)].argmax(dim=1) for n in self.veto]  # [B] each
 
-        def agree(prediction: Tensor) -> Tensor:
-            ok = torch.zeros_like(prediction, dtype=torch.bool)
+        def refused(prediction: Tensor, confidence: Tensor) -> Tensor:
+            ok = ~(confidence < self.veto_below)  # confident enough: not reviewed
             for vote in votes:
                 ok = ok | (vote == prediction)
-            return ok
+            return ~ok
 
-        return agree
+        return refused
 
     def down_the_ladder(self, waiting: Tensor, rung_logits: Sequence[Tensor], answer: Answer,
-                        agree: Callable[[Tensor], Tensor] | None, start: int) -> Answer:
+                        refuse: Callable[[Tensor, Tensor], Tensor] | None, start: int) -> Answer:
         """Fallback rungs ``start ..`` in order serve what their gates accept among ``waiting`` [B]; the
         student's answers need the veto's agreement (when there is one)."""
         first = len(self.primary.exit_names)
@@ -215,8 +224,8 @@ class Decisions(nn.Module):
             code = first + j
             accepted, conf, _ = self.gate_decision(code, rung_logits[j])
             took = waiting & accepted
-            if j == 0 and agree is not None:
-                took = took & agree(rung_logits[j].argmax(dim=1))
+            if j == 0 and refuse is not None:
+                took = took & ~refuse(rung_logits[j].argmax(dim=1), conf)
             answer = take(took, code, rung_logits[j], conf, answer)
             waiting = waiting & ~took
         return answer
@@ -280,15 +289,16 @@ class Decisions(nn.Module):
         it), the veto on the student's answers, then the rungs after the student in order."""
         router, student_code, default_code = self.router, len(self.primary.exit_names), len(self.path_names)
         rung_logits = [student_logits] + [rung(x) for rung in list(self.fallbacks)[1:]]
-        agree = self.agreement(rung_logits)
-        if agree is not None:  # as without a router: the primary's path answers need a vetoing rung's agreement
-            vetoed = (answer[1] < student_code) & ~agree(answer[0])
+        refuse = self.refusal(rung_logits)
+        if refuse is not None:  # as without a router: the primary's path answers need a vetoing rung's agreement
+            vetoed = (answer[1] < student_code) & refuse(answer[0], answer[2])
             answer = untake(vetoed, default_code, default_prediction, answer)
             to_student = to_student | vetoed
         accepted, conf, _ = router.decide_student_alone(student_logits)
         answer = take(to_student & accepted, student_code, student_logits, conf, answer)
-        if agree is not None:  # every student answer (the router's choice at the final head too)
-            answer = untake((answer[1] == student_code) & ~agree(answer[0]), default_code, default_prediction, answer)
+        if refuse is not None:  # every student answer (the router's choice at the final head too)
+            answer = untake((answer[1] == student_code) & refuse(answer[0], answer[2]), default_code, default_prediction,
+                            answer)
         if len(self.fallbacks) == 1:
             return answer
         # the rungs after the student: what the router sent to the fallbacks and did not serve

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -58,7 +59,10 @@ def ladder_gates(primary: MultiExitNet, gates: Sequence[ConfidenceGate] | Mappin
     if not isinstance(primary, MultiExitNet):  # (Decisions says how to wrap it)
         return gates if isinstance(gates, Mapping) else list(gates)
     names = primary.exit_names + [R.STUDENT]
-    own = gates_by_name(gates, names)
+    given = dict(gates) if isinstance(gates, Mapping) else None
+    if given is not None:  # a mapping may also hold the rungs' gates (model.gates as it is): they replace the rungs'
+        rungs = [Rung(r.name, r.module, given.pop(r.name)) if r.name in given else r for r in rungs]
+    own = gates_by_name(given if given is not None else gates, names)
     for rung in rungs:
         if rung.gate is None:
             raise ValueError(f"rung {rung.name!r} has no gate; give it one calibrated on held-out data: "
@@ -92,6 +96,9 @@ class FallbackModel(nn.Module):
         veto: names of rungs in ``fallbacks`` (classical ones, say): an answer of the primary's path or
             the student is kept only where at least one of them predicts the same class; otherwise it
             goes down the ladder with ``rung_disagreement``. Off (empty) by default.
+        veto_below: the veto reviews only answers whose confidence (the router's probability that the
+            answer is right, or the path's calibrated gate confidence) is below this level; ``inf``
+            (the default) reviews every answer.
         cache: a :class:`~fallbackformer.rungs.CacheConfig` for the response cache rung, consulted for
             identical inputs when the primary's path cannot answer (``served_by="cache"``).
         default: a typed safe default (:class:`~fallbackformer.rungs.SafeDefault`); ``None``: the
@@ -121,6 +128,7 @@ class FallbackModel(nn.Module):
         router: Router | None = None,
         fallbacks: Sequence[Rung] = (),
         veto: Sequence[str] = (),
+        veto_below: float = math.inf,
         cache: CacheConfig | None = None,
         default: SafeDefault | None = None,
     ) -> None:
@@ -128,7 +136,8 @@ class FallbackModel(nn.Module):
         rungs = list(fallbacks)
         names = [R.STUDENT] + check_ladder(rungs)
         self.decisions = Decisions(primary, [student] + [r.module for r in rungs],
-                                   ladder_gates(primary, gates, rungs), router, fallback_names=names, veto=veto)
+                                   ladder_gates(primary, gates, rungs), router, fallback_names=names, veto=veto,
+                                   veto_below=veto_below)
         self.runtime = Runtime(self.decisions, policy, input_spec=input_spec, clock=clock, sinks=sinks,
                                profile=profile, breaker=breaker, cache=cache, default=default)
         self.class_names = list(class_names) if class_names is not None else None
@@ -172,6 +181,11 @@ class FallbackModel(nn.Module):
     def veto(self) -> tuple[str, ...]:
         """The rungs whose agreement an answer of the primary's path or the student needs (empty: no veto)."""
         return self.decisions.veto
+
+    @property
+    def veto_below(self) -> float:
+        """The veto reviews only answers less confident than this (``inf``: every answer)."""
+        return self.decisions.veto_below
 
     @property
     def cache(self) -> ResponseCache | None:
@@ -350,6 +364,7 @@ class FallbackModel(nn.Module):
             "gates": {n: self.gates[n] for n in self.primary.exit_names + [R.STUDENT]},
             "policy": self.runtime.base_policy, "input_spec": self.input_spec, "class_names": self.class_names,
             "router": self.router, "fallbacks": self.fallbacks, "veto": self.veto,
+            "veto_below": self.veto_below,
             "cache": None if self.cache is None else self.cache.config, "default": self.runtime.default,
         }
         args.update(changes)

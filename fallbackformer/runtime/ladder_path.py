@@ -3,14 +3,15 @@
 Used when the model has more than the single student (:meth:`Runtime.has_ladder`); the single-student
 form keeps the shorter path in :mod:`~fallbackformer.runtime.runtime`. In order:
 
-1. the agreement veto (``veto``): answers of the primary's path that no vetoing rung agrees with are
-   taken back (``rung_disagreement``) and go down the ladder;
+1. the agreement veto (``veto``): answers of the primary's path less confident than ``veto_below`` that
+   no vetoing rung agrees with are taken back (``rung_disagreement``) and go down the ladder;
 2. the response cache, for the rows the primary's path could not answer at all (a deadline, an
    error, an open breaker: :data:`~fallbackformer.runtime.reasons.PRIMARY_DOWN`): identical inputs
    only, ``served_by="cache"``;
 3. the student (its answers need the veto's agreement too);
 4. each further rung in order, under its own gate, bounded like the student (a rung that raises or is
-   late leaves a record in the call's detail, and the next rung tries);
+   late leaves a record in the call's detail, and the next rung tries; a vetoing rung that already ran
+   over the whole batch for the veto is not run again);
 5. what is left gets the typed safe default (:meth:`Runtime.finish_default`).
 """
 
@@ -35,30 +36,34 @@ __all__ = ["apply_default", "run_ladder"]
 def run_ladder(rt: "Runtime", x: torch.Tensor, valid: torch.Tensor | None, state: RequestState,
                policy: "Policy") -> None:
     """Serve the valid samples the primary's path did not, down the ladder (see the module docstring)."""
-    votes: dict[str, torch.Tensor | None] = {}
+    ran: dict[str, torch.Tensor | None] = {}  # a vetoing rung's logits on the whole batch (None: it failed)
     if rt.steps.veto:
-        _veto(rt, x, state, policy, set(rt.decisions.primary.exit_names), votes)
+        _veto(rt, x, state, policy, set(rt.decisions.primary.exit_names), ran)
     if rt.cache is not None:
         _from_cache(rt, x, valid, state)
     rest = state.unserved(valid, x.device)
     if rest is not None:
         run_student(rt, x, rest, state, policy)
     if rt.steps.veto:
-        _veto(rt, x, state, policy, {R.STUDENT}, votes)
+        _veto(rt, x, state, policy, {R.STUDENT}, ran)
     for name in rt.steps.rungs:
         if state.student_late:  # past the deadline: the default answers
             return
         rest = state.unserved(valid, x.device)
         if rest is None:
             return
-        _run_rung(rt, name, x, rest, state, policy)
+        _run_rung(rt, name, x, rest, state, policy, ran.get(name))
 
 
 def _run_rung(rt: "Runtime", name: str, x: torch.Tensor, idx: torch.Tensor, state: RequestState,
-              policy: "Policy") -> None:
-    """Rung ``name`` on the samples ``idx``: its gate's accepted rows are served by it."""
+              policy: "Policy", whole: torch.Tensor | None) -> None:
+    """Rung ``name`` on the samples ``idx``: its gate's accepted rows are served by it. ``whole``: its
+    logits on the whole batch when the veto already ran it (not run again)."""
     n = int(idx.numel())
-    logits = student_logits(rt, x if n == x.shape[0] else x[idx], n, state, policy, name)
+    if whole is not None:
+        logits = whole[idx.to(whole.device)]
+    else:
+        logits = student_logits(rt, x if n == x.shape[0] else x[idx], n, state, policy, name)
     if logits is None:
         return  # raised or late: recorded in the detail; the next rung tries
     state.num_classes = logits.shape[1]
@@ -68,31 +73,36 @@ def _run_rung(rt: "Runtime", name: str, x: torch.Tensor, idx: torch.Tensor, stat
     state.serve_rung(name, idx, logits, accept, conf, prediction)
 
 
-def _predictions(state: RequestState, rows: torch.Tensor) -> torch.Tensor:
-    """The served predictions of ``rows`` (original indices)."""
+def _answers(state: RequestState, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The served predictions and confidences of ``rows`` (original indices)."""
     pred = torch.full((state.b,), -1, dtype=torch.long)
+    conf = torch.full((state.b,), float("nan"))
     with state.lock:
         parts = list(state.parts)
-    for idx, _, _, pd in parts:
-        pred[slice(None) if idx is None else idx.cpu()] = pd.cpu()
-    return pred[rows]
+    for idx, _, cf, pd in parts:
+        target = slice(None) if idx is None else idx.cpu()
+        pred[target] = pd.cpu()
+        conf[target] = cf.float().cpu()
+    return pred[rows], conf[rows]
 
 
 def _veto(rt: "Runtime", x: torch.Tensor, state: RequestState, policy: "Policy", paths: set[str],
-          votes: dict[str, torch.Tensor | None]) -> None:
-    """Take back the answers of ``paths`` that no vetoing rung agrees with (``rung_disagreement``)."""
+          ran: dict[str, torch.Tensor | None]) -> None:
+    """Take back the answers of ``paths`` less confident than ``veto_below`` that no vetoing rung agrees
+    with (``rung_disagreement``)."""
     rows = state.served_rows(paths)
     if rows.numel() == 0:
         return
-    pred = _predictions(state, rows)
-    agree = torch.zeros(rows.numel(), dtype=torch.bool)
+    pred, conf = _answers(state, rows)
+    agree = ~(conf < rt.steps.veto_below)  # confident enough: not reviewed
+    if bool(agree.all()):  # nothing to review: the vetoing rungs need not run
+        return
     for name in rt.steps.veto:
-        vote = votes.get(name)
-        if name not in votes:  # one pass of the rung over the whole batch, shared by both checks
-            logits = student_logits(rt, x, x.shape[0], state, policy, name)
-            vote = votes[name] = None if logits is None else logits.argmax(dim=1).cpu()
-        if vote is not None:  # a rung that failed gives no vote
-            agree |= vote[rows] == pred
+        if name not in ran:  # one pass of the rung over the whole batch, shared by both checks and its rung
+            ran[name] = student_logits(rt, x, x.shape[0], state, policy, name)
+        logits = ran[name]
+        if logits is not None:  # a rung that failed gives no vote
+            agree |= logits.argmax(dim=1).cpu()[rows] == pred
     refused = rows[~agree]
     if refused.numel():
         state.unserve(refused.to(x.device), R.RUNG_DISAGREEMENT)

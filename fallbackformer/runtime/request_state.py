@@ -165,7 +165,9 @@ class RequestState:
 
     def unserve(self, idx: torch.Tensor, reason: str) -> None:
         """Take back the answers of rows ``idx`` (the veto refused them) and give them ``reason``; the
-        caller's own write, after the primary's walk has returned."""
+        caller's own write, after the primary's walk has returned. A row that already fell back for a
+        trigger (a deadline, an error, an open breaker, low confidence, the router's preference) keeps
+        it: that trigger is why it left the primary's path."""
         if idx.numel() == 0:
             return
         with self.lock:
@@ -173,7 +175,8 @@ class RequestState:
                 if self.served_by[i] is not None:
                     self.served_by[i] = None
                     self.n_served -= 1
-                self.reason[i] = reason
+                if not self.reason[i]:
+                    self.reason[i] = reason
             self.vetoed = True
 
     def served_rows(self, names: frozenset[str] | set[str]) -> torch.Tensor:

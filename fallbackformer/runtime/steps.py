@@ -37,7 +37,7 @@ class DecisionSteps:
     """
 
     __slots__ = ("units", "gates", "router", "stage_names", "exit_at", "heads", "last",
-                 "transform", "stages", "student", "rungs", "veto", "_early", "_live", "_all_live")
+                 "transform", "stages", "student", "rungs", "veto", "veto_below", "_early", "_live", "_all_live")
 
     def __init__(self, decisions: "Decisions", units: dict[str, Callable[..., Any]]) -> None:
         self.units = units
@@ -53,6 +53,7 @@ class DecisionSteps:
         #: the fallback rungs after the student, by name, in order
         self.rungs = {name: units[name] for name in decisions.fallback_names[1:]}
         self.veto = decisions.veto
+        self.veto_below = decisions.veto_below  # the veto reviews answers less confident than this
         self._early = tuple((s, name) for s, name in sorted(self.exit_at.items()) if s != self.last)
         self._live: dict[tuple[bool, ...], tuple[bool, ...]] = {}
         self._all_live = (True,) * len(self.stage_names)

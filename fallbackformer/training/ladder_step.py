@@ -1,6 +1,6 @@
 """The ladder step of the main job: classical rungs fitted on the primary, their gates, the veto, the
-cache and the typed default (``configs/experiment/ladder.yaml``; the pipeline calls it when the config
-has a ``ladder`` node).
+cache and the typed default (``configs/ladder/default.yaml``, a default of the main job; the pipeline
+calls it when the config has a ``ladder`` node, ``ladder=none`` has none).
 
 1. Each model rung is fitted with :mod:`fallbackformer.training.rung_fit` on the training split against
    the primary (trees on its hard labels, the linear model on its soft labels); the fit itself checks
@@ -10,12 +10,13 @@ has a ``ladder`` node).
    split drawn from the router's own shifted mixture (the same draw its threshold was certified on: the
    rungs answer mostly when the primary's path cannot, i.e. under shift); without one, on the clean
    calibration split.
-3. The veto, the cache (:class:`~fallbackformer.rungs.CacheConfig`) and the typed default
+3. The veto (and the confidence below which it reviews answers), the cache (:class:`~fallbackformer.rungs.CacheConfig`) and the typed default
    (:class:`~fallbackformer.rungs.SafeDefault`) come from the config as they are.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,13 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fallbackformer.common.jsonsafe import json_float
 from fallbackformer.data.protocol import ShiftSuiteLike
 from fallbackformer.gates.gate import ConfidenceGate
 from fallbackformer.models.classical import transform_spec_of
 from fallbackformer.rungs import CacheConfig, Rung, SafeDefault
 from fallbackformer.training.rung_fit import TREE_KINDS, fit_linear_rung, fit_tree_rung
 
-__all__ = ["LadderConfig", "Ladder", "RungSpec", "build_ladder"]
+__all__ = ["LadderConfig", "Ladder", "RungSpec", "build_ladder", "fit_rung"]
 
 RUNG_KINDS = ("linear",) + TREE_KINDS
 
@@ -58,6 +60,8 @@ class LadderConfig:
         method: the gates' p-value (``ltt_binom``, ``ltt_hb``, ``crc``, ``empirical``).
         score: the gates' score.
         veto: names of rungs whose agreement an answer of the primary's path or the student needs.
+        veto_below: the veto reviews only answers whose confidence (the router's probability that the
+            answer is right, or the gate's calibrated confidence) is below this; ``inf``: every answer.
         cache: the response cache rung, or ``None``.
         default: the typed safe default, or ``None`` (the policy's ``default_class``).
     """
@@ -68,6 +72,7 @@ class LadderConfig:
     method: str = "ltt_binom"
     score: str = "max_softmax"
     veto: Sequence[str] = ()
+    veto_below: float = math.inf
     cache: CacheConfig | None = None
     default: SafeDefault | None = None
 
@@ -85,15 +90,18 @@ class Ladder:
 
     fallbacks: list[Rung]
     veto: tuple[str, ...]
+    veto_below: float
     cache: CacheConfig | None
     default: SafeDefault | None
     report: dict[str, Any]
 
     def model_kwargs(self) -> dict[str, Any]:
-        return {"fallbacks": self.fallbacks, "veto": self.veto, "cache": self.cache, "default": self.default}
+        return {"fallbacks": self.fallbacks, "veto": self.veto, "veto_below": self.veto_below, "cache": self.cache,
+                "default": self.default}
 
 
-def _fit(spec: RungSpec, primary: nn.Module, x_train: Tensor, transform: Mapping[str, Any]) -> nn.Module:
+def fit_rung(spec: RungSpec, primary: nn.Module, x_train: Tensor, transform: Mapping[str, Any] | None) -> nn.Module:
+    """The torch model of rung ``spec`` fitted on the primary's answers on ``x_train`` (read through ``transform``)."""
     if spec.kind == "linear":
         return fit_linear_rung(primary, x_train, transform=transform, **dict(spec.fit)).module
     return fit_tree_rung(primary, x_train, kind=spec.kind, transform=transform, **dict(spec.fit)).module
@@ -133,7 +141,7 @@ def build_ladder(config: LadderConfig, primary: nn.Module, student: nn.Module,
     x_gate, y_gate, where = gate_data(splits, router_cfg, suite)
     fallbacks, report = [], {"gates_calibrated_on": where, "n_gate": int(y_gate.shape[0]), "rungs": {}}
     for spec in config.rungs:
-        module = _fit(spec, primary, x_train, transform)
+        module = fit_rung(spec, primary, x_train, transform)
         logits = torch.cat([module(xb) for xb in x_gate.split(512)])
         gate = ConfidenceGate.calibrate(logits, y_gate, alpha=config.alpha, delta=config.delta,
                                         method=config.method, score=config.score)
@@ -146,6 +154,6 @@ def build_ladder(config: LadderConfig, primary: nn.Module, student: nn.Module,
             "guarantee": gate.guarantee.to_dict() if gate.guarantee is not None else None,
         }
         fallbacks.append(Rung(spec.name, module, gate))
-    report.update(veto=list(config.veto), cache=None if config.cache is None else config.cache.to_dict(),
+    report.update(veto=list(config.veto), veto_below=json_float(config.veto_below), cache=None if config.cache is None else config.cache.to_dict(),
                   default=None if config.default is None else config.default.to_dict())
-    return Ladder(fallbacks, tuple(config.veto), config.cache, config.default, report)
+    return Ladder(fallbacks, tuple(config.veto), float(config.veto_below), config.cache, config.default, report)

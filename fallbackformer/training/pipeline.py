@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -180,10 +181,10 @@ def fit_ladder_step(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
     """
     if not cfg.get("ladder"):
         return None, {}
-    from fallbackformer.training.ladder_step import LadderConfig, build_ladder
+    from fallbackformer.training.ladder_step import build_ladder
 
     router_cfg = instantiate(cfg.router) if cfg.get("router") else None
-    ladder = build_ladder(LadderConfig(**instantiate(cfg.ladder, _convert_="all")), primary, student, splits,
+    ladder = build_ladder(instantiate(cfg.ladder, _convert_="all"), primary, student, splits,
                           router_cfg, check_shift_suite(suite) if router_cfg is not None else None)
     return ladder, ladder.report
 
@@ -216,12 +217,25 @@ def assemble(cfg: DictConfig, primary: MultiExitNet, student: nn.Module,
                          **(ladder.model_kwargs() if ladder is not None else {})).eval()
 
 
+def combined_onnx(model: FallbackModel, bundle_dir: Path, out_dir: Path, variant: str) -> Path:
+    """``out_dir/model.onnx``, the combined graph of ``variant``: a copy of the bundle's own when it is that
+    variant (``save(onnx=True)`` writes the "where" graph; exporting it again costs ~20 s), else exported."""
+    from fallbackformer.export import export_onnx
+    from fallbackformer.export.bundle import COMBINED_ONNX
+
+    target, saved = out_dir / "model.onnx", bundle_dir / COMBINED_ONNX
+    if variant == "where" and saved.is_file():
+        shutil.copyfile(saved, target)
+        return target
+    return Path(export_onnx(model, target, variant=variant))
+
+
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The main job (see the module docstring). Returns ``(summary, objects)``."""
     from fallbackformer.evaluation.governance_report import label_free_summary
     from fallbackformer.evaluation.pipeline import evaluate_and_report, headline_metrics
     from fallbackformer.evaluation.shift_eval import CLEAN
-    from fallbackformer.export import check_onnx_parity, export_onnx, save
+    from fallbackformer.export import check_onnx_parity, save
 
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -279,7 +293,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
              degradation=OmegaConf.to_container(cfg.degradation, resolve=True), onnx=bool(cfg.onnx.export))
         onnx_report: dict[str, Any] = {}
         if cfg.onnx.export:
-            onnx_path = export_onnx(model, out_dir / "model.onnx", variant=cfg.onnx.variant)
+            onnx_path = combined_onnx(model, bundle_dir, out_dir, cfg.onnx.variant)
             onnx_report = check_onnx_parity(model, onnx_path, x_test)
     seconds = {**watch.seconds, "total": watch.elapsed()}
 
@@ -400,7 +414,7 @@ def calibrate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Assemble primary, student and the gates of ``cfg.calibration``; save the bundle and ONNX."""
-    from fallbackformer.export import check_onnx_parity, export_onnx, save
+    from fallbackformer.export import check_onnx_parity, save
     from fallbackformer.training.artifacts import load_model
 
     out_dir, datamodule = _stage_setup(cfg)
@@ -413,6 +427,6 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                   onnx=bool(cfg.onnx.export))
     metrics: dict[str, Any] = {"bundle": str(bundle)}
     if cfg.onnx.export:
-        onnx_path = export_onnx(model, out_dir / "model.onnx", variant=cfg.onnx.variant)
+        onnx_path = combined_onnx(model, bundle, out_dir, cfg.onnx.variant)
         metrics["onnx"] = check_onnx_parity(model, onnx_path, datamodule.splits["test"][0])
     return metrics, {"model": model, "output_dir": out_dir}

@@ -86,16 +86,22 @@ def test_a_bad_override_names_the_field():
         instantiate(cfg.policy)
 
 
-def test_the_ladder_experiment_composes_into_a_ladder_config():
-    """experiment=ladder: the router stays, two classical rungs, the veto on both, a cache and a coarse default."""
+def test_the_main_job_builds_the_ladder_by_default_and_ladder_none_turns_it_off():
+    """The main job's ladder: the router stays, two classical rungs, the veto on both, a cache and a coarse
+    default; ladder=none (and the tabular experiment) compose the one-student system."""
     from fallbackformer.rungs import CacheConfig, Coarse
     from fallbackformer.training.ladder_step import LadderConfig
 
-    cfg = _compose("run", ["experiment=ladder"])
-    ladder = LadderConfig(**instantiate(cfg.ladder, _convert_="all"))
+    cfg = _compose("run", [])
+    ladder = instantiate(cfg.ladder, _convert_="all")
+    assert isinstance(ladder, LadderConfig)
     assert [(r.name, r.kind) for r in ladder.rungs] == [("forest", "random_forest"), ("linear", "linear")]
     assert list(ladder.veto) == ["forest", "linear"] and cfg.router is not None
+    assert ladder.veto_below == cfg.router.exit_floor == 0.9  # the level fixed a priori: the router's exit floor
     assert isinstance(ladder.cache, CacheConfig) and isinstance(ladder.default, Coarse)
     assert ladder.default.groups == {"loop": [0, 6, 8, 9], "straight": [1, 4, 7], "curve": [2, 3, 5]}
+    assert cfg.degradation.on_breach == "refuse"
+    assert not _compose("run", ["ladder=none"]).get("ladder")
+    assert not _compose("run", ["experiment=breast_cancer"]).get("ladder")
     with pytest.raises(ValueError, match="not rungs"):
         LadderConfig(rungs=[{"name": "forest", "kind": "random_forest"}], veto=["tree"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fallbackformer as ff
-from fallbackformer.export.manifest import FORMAT_VERSION
+from fallbackformer.export.manifest import FORMAT_VERSION, BundleError, parse_manifest
 from fallbackformer.rungs import CacheConfig, Coarse, ConstantClass, Prior
 from fallbackformer.rungs.defaults import CallableDefault, register_default_action
 
@@ -55,6 +55,24 @@ def test_a_ladder_round_trips_through_a_bundle(tmp_path, default):
     a, b = model(x), loaded(x)
     assert a.served_by == b.served_by and a.reason == b.reason
     assert torch.equal(a.prediction, b.prediction) and torch.equal(a.prediction_set, b.prediction_set)
+
+
+def test_the_vetos_level_round_trips_and_an_old_manifest_reads_as_every_answer(tmp_path):
+    model = _ladder(veto=("tree",), veto_below=0.75)
+    ff.save(model, tmp_path / "b")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["ladder"]["veto_below"] == 0.75
+    assert ff.load(tmp_path / "b", warm_up=False).veto_below == 0.75
+    ff.save(_ladder(veto=("tree",)), tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["ladder"]["veto_below"] == "inf"
+    parsed = parse_manifest(_without_veto_below(manifest), "old bundle")  # a bundle saved before the level existed
+    assert parsed.ladder["veto_below"] == math.inf
+    with pytest.raises(BundleError, match="ladder.veto_below"):
+        parse_manifest({**manifest, "ladder": {**manifest["ladder"], "veto_below": -1.0}}, "bad bundle")
+
+
+def _without_veto_below(manifest: dict) -> dict:
+    return {**manifest, "ladder": {k: v for k, v in manifest["ladder"].items() if k != "veto_below"}}
 
 
 def test_the_cache_never_outlives_its_bundle(tmp_path):

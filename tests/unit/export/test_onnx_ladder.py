@@ -21,8 +21,9 @@ _parts = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_parts)
 
 
-@pytest.mark.parametrize("veto", [pytest.param((), marks=pytest.mark.slow), ("tree", "linear")])
-def test_tree_and_linear_rungs_export_with_decisions_identical_to_the_runtime(tmp_path, veto):
+@pytest.mark.parametrize("veto, veto_below", [pytest.param((), math.inf, marks=pytest.mark.slow),
+                                              (("tree", "linear"), math.inf), (("tree", "linear"), 0.6)])
+def test_tree_and_linear_rungs_export_with_decisions_identical_to_the_runtime(tmp_path, veto, veto_below):
     base = _parts._ladder()
     x_train = _parts._inputs(300, seed=7)
     tree = fit_tree_rung(base.primary, x_train, kind="random_forest", n_estimators=5, max_depth=3).module
@@ -31,7 +32,7 @@ def test_tree_and_linear_rungs_export_with_decisions_identical_to_the_runtime(tm
     with torch.no_grad():
         rungs = [Rung("tree", tree.eval(), _parts._gate_for(tree(ref).float(), 0.5)),
                  Rung("linear", linear.eval(), _parts._gate_for(linear(ref).float(), 0.5))]
-    model = base.rebuild(fallbacks=rungs, veto=veto)
+    model = base.rebuild(fallbacks=rungs, veto=veto, veto_below=veto_below)
     path = export_onnx(model, tmp_path / "ladder.onnx")
     x = _parts._inputs(300)
     report = compare_decisions(runtime_decisions(model, x), run_onnx(path, x))

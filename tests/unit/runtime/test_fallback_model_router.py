@@ -145,9 +145,11 @@ def test_bundle_round_trip_keeps_the_router(routed, tmp_path):
     assert after.served_by == before.served_by and torch.equal(after.prediction, before.prediction)
 
 
-def test_the_veto_with_a_router_decides_as_the_whole_batch_graph(routed):
+@pytest.mark.parametrize("scoped", [False, True])
+def test_the_veto_with_a_router_decides_as_the_whole_batch_graph(routed, scoped):
     """Router + agreement veto + two rungs: the runtime and the whole-batch decisions agree per sample, and
-    every kept answer of the primary's path or the student has a vetoing rung's agreement."""
+    every kept answer of the primary's path or the student has a vetoing rung's agreement (scoped: every
+    kept answer the router judges less likely right than veto_below, the median of its answers' p)."""
     from fallbackformer.export.onnx_export import compare_decisions, runtime_decisions
     from fallbackformer.rungs import Rung
 
@@ -163,6 +165,10 @@ def test_the_veto_with_a_router_decides_as_the_whole_batch_graph(routed):
     model = ff.FallbackModel(primary, student, gates, ff.Policy(budget_ms=1e6, hedge="off"), input_spec=SPEC,
                              router=router, fallbacks=rungs, veto=("tree", "linear")).eval()
     x = _inputs(300, seed=5)
+    if scoped:
+        plain = model.rebuild(veto=())(x)
+        on_path = torch.tensor([s in primary.exit_names + ["student"] for s in plain.served_by])
+        model = model.rebuild(veto_below=float(plain.confidence[on_path].median()))
     report = compare_decisions(runtime_decisions(model, x), dict(zip(
         ("prediction", "served_by", "confidence", "logits"), model.decisions(x))))
     assert report["decisions_agree"], report
@@ -171,4 +177,7 @@ def test_the_veto_with_a_router_decides_as_the_whole_batch_graph(routed):
     with torch.no_grad():
         votes = torch.stack([r.module(x).argmax(1) for r in rungs])  # [2, B]
     kept = torch.tensor([s in primary.exit_names + ["student"] for s in out.served_by])
-    assert kept.any() and bool((votes[:, kept] == out.prediction[kept]).any(0).all())
+    reviewed = kept & (out.confidence < model.veto_below)
+    assert reviewed.any() and bool((votes[:, reviewed] == out.prediction[reviewed]).any(0).all())
+    if scoped:  # above the level an answer stands without a vetoing rung's agreement
+        assert bool((kept & ~reviewed & ~(votes == out.prediction).any(0)).any())

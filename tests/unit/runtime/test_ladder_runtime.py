@@ -39,7 +39,7 @@ def _linear(seed: int) -> nn.Module:
     return m
 
 
-def _ladder(veto=(), cache=None, default=None, policy=None, router=None):
+def _ladder(veto=(), cache=None, default=None, policy=None, router=None, veto_below=math.inf):
     torch.manual_seed(0)
     primary = ff.create_model("digits_cnn_exits", num_classes=10, width=4).eval()
     student = ff.create_model("digits_mlp_student", num_classes=10, hidden=16).eval()
@@ -51,7 +51,7 @@ def _ladder(veto=(), cache=None, default=None, policy=None, router=None):
         rungs = [Rung(n, m, _gate_for(m(x), 0.5)) for n, m in rungs_m.items()]
     policy = policy or ff.Policy(budget_ms=1e6, hedge="off")
     return ff.FallbackModel(primary, student, gates, policy, input_spec=SPEC, fallbacks=rungs, veto=veto,
-                            cache=cache, default=default).eval()
+                            veto_below=veto_below, cache=cache, default=default).eval()
 
 
 @pytest.mark.parametrize("veto", [(), ("tree", "linear")])
@@ -76,6 +76,40 @@ def test_the_ladders_whole_batch_decisions_equal_the_runtime(veto):
         assert bool((votes[:, kept] == out.prediction[kept]).any(0).all())
         assert all(s not in model.primary.exit_names for s, r in zip(out.served_by, out.reason)
                    if r == R.RUNG_DISAGREEMENT)  # a vetoed answer went down the ladder
+
+
+def _reviewed_and_refused(model, x, out):
+    """Rows whose final answer came from the primary's path or the student, and the rows the veto refused."""
+    kept = torch.tensor([s in model.primary.exit_names + ["student"] for s in out.served_by])
+    refused = torch.tensor([r == R.RUNG_DISAGREEMENT for r in out.reason])
+    return kept, refused
+
+
+def test_the_veto_reviews_only_answers_less_confident_than_its_level():
+    """veto_below: a confident answer stands without a vetoing rung's agreement, a less confident one needs it;
+    the whole-batch decisions (the exported graph) equal the runtime's, and fewer answers are taken back."""
+    every = _ladder(veto=("tree", "linear"))
+    x = _inputs(300)
+    plain = _ladder()(x)  # the level: the median confidence of the primary's path's answers without a veto
+    on_path = torch.tensor([s in every.primary.exit_names for s in plain.served_by])
+    level = float(plain.confidence[on_path].median())
+    model = _ladder(veto=("tree", "linear"), veto_below=level)
+    assert model.veto_below == level and model.rebuild().veto_below == level
+    report = compare_decisions(runtime_decisions(model, x), dict(zip(
+        ("prediction", "served_by", "confidence", "logits"), model.decisions(x))))
+    assert report["decisions_agree"], report
+    out, out_every = model(x), every(x)
+    with torch.no_grad():
+        votes = torch.stack([model.decisions.rungs[n](x).argmax(1) for n in ("tree", "linear")])  # [2, B]
+    kept, refused = _reviewed_and_refused(model, x, out)
+    agreed = (votes == out.prediction).any(0)
+    unsure = out.confidence < level
+    assert bool((agreed | ~unsure)[kept].all())  # every kept answer below the level has a rung's agreement
+    assert bool((kept & ~unsure & ~agreed).any())  # ... and above it some stand without one
+    _, refused_every = _reviewed_and_refused(every, x, out_every)
+    assert 0 < int(refused.sum()) < int(refused_every.sum())
+    with pytest.raises(ValueError, match="veto_below"):
+        _ladder(veto=("tree",), veto_below=0.0)
 
 
 def test_the_veto_off_leaves_the_single_student_answers_unchanged():
@@ -178,3 +212,18 @@ def test_stats_count_every_rung_as_a_fallback():
     off_primary = sum(s not in model.primary.exit_names for s in out.served_by)
     assert stats["fallback_rate"] == pytest.approx(off_primary / 100)
     assert dataclasses.asdict(model.policy)["hedge"] == "off"
+
+
+def test_a_vetoed_fallback_keeps_its_trigger_and_rebuild_takes_every_paths_gates():
+    """The rollback switch sends every sample to the student; the veto then refuses some of its answers, and
+    those keep breaker_open (why they left the primary's path). model.gates as it is rebuilds the ladder."""
+    model = _ladder(veto=("tree", "linear"))
+    same = model.rebuild(gates={n: model.gates[n] for n in model.path_names})
+    assert [r.gate for r in same.fallbacks] == [r.gate for r in model.fallbacks]
+    plain = _ladder()
+    model.set_rollback(True)
+    plain.set_rollback(True)
+    x = _inputs(200)
+    out, unvetoed = model(x), plain(x)
+    assert set(out.reason) == {R.BREAKER_OPEN}
+    assert out.served_by.count("student") < unvetoed.served_by.count("student")  # the veto refused some
