@@ -148,6 +148,7 @@ def test_decisions_do_not_depend_on_hedging(golden):
 
 
 if __name__ == "__main__":  # regenerate (see the module docstring)
+    torch.set_num_threads(1)  # as the test session (tests/conftest.py): confidences are pinned to 1e-6
     models = variants()
     arrays = encode({name: decisions(model, shift_sets()) for name, model in models.items()})
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
