@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fallbackformer.benchmarks.common import get
+from fallbackformer.common.paths import STUDENT
 from fallbackformer.runtime.validation import InputSpec
 
 __all__ = ["BenchmarkContext", "build_system", "fit_system_router", "input_spec_of"]
@@ -116,8 +117,11 @@ def build_system(cfg: Any) -> dict[str, Any]:
         import fallbackformer as ff
 
         model = ff.load(bundle)
+        # the gates of the exits and the student (what a trained system has); a ladder's rung gates
+        # travel with its rungs in "fallbacks"
+        paths = model.primary.exit_names + [STUDENT]
         return {"primary": model.primary, "student": model.student,
-                "gates": [model.gates[n] for n in model.path_names], "splits": datamodule.splits,
+                "gates": [model.gates[n] for n in paths], "splits": datamodule.splits,
                 "input_spec": model.input_spec, "router": getattr(model, "router", None),
                 "fallbacks": model.fallbacks, "source": f"bundle {bundle}"}
     from fallbackformer.training.calibration import calibrate_gates

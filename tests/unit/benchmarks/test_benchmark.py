@@ -85,3 +85,24 @@ def test_benchmark_sections_on_tiny_settings(digits_system, tmp_path: Path) -> N
         assert heading in md
     assert "${" not in md and "combined graph, cond" not in md  # optional rows of variants not run are dropped
     assert "bundle, backend=\"onnxruntime\"" in md and "not available" not in md and "With the router" in md
+
+
+def test_a_ladder_bundle_gives_the_sections_the_exit_and_student_gates() -> None:
+    """A bundle with rungs (the shipped demo) hands the sections one gate per exit and the student;
+    its rungs travel in ``fallbacks`` (the evidence section once got all seven gates and refused)."""
+    from hydra import compose, initialize_config_dir
+
+    import fallbackformer as ff
+    from fallbackformer.benchmarks.context import build_system
+
+    root = Path(__file__).resolve().parents[3]
+    demo = root / "checkpoints" / "digits"
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        cfg = compose(config_name="benchmark", overrides=[f"bundle={demo}"])
+    system = build_system(cfg)
+    primary = system["primary"]
+    assert [r.name for r in system["fallbacks"]] == ["forest", "linear"]
+    assert len(system["gates"]) == primary.num_exits + 1
+    model = ff.FallbackModel(primary, system["student"], system["gates"], ff.Policy(budget_ms=1e4),
+                             input_spec=system["input_spec"])
+    assert model.path_names == primary.exit_names + ["student"]
